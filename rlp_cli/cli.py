@@ -1,0 +1,124 @@
+"""The `rlp` command line. Every command turns bad input into a one-paragraph error and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from rlp_cli.errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # rlp never downloads at run time
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train language models with RLP (Reinforcement as a Pretraining Objective) and run its ablations.")
+console = Console()
+err_console = Console(stderr=True)
+
+SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set objective.num_rollouts=8 (repeatable).")
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="A YAML config file, or a built-in config name (default, tiny)."),
+    set_: Optional[List[str]] = SetOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<config name>)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live progress bar."),
+):
+    """Train one model. Re-running the same command resumes from the last checkpoint."""
+    from rlp_cli.config import load_config
+    from rlp_cli.train import train as run_training
+
+    overrides = list(set_ or []) + ([f"device={device}"] if device else [])
+    cfg = load_config(config, overrides)
+    out = out or Path("runs") / cfg.name
+    console.print(f"[bold]rlp train[/bold] {cfg.name}: objective={cfg.objective.name} "
+                  f"reward={cfg.objective.reward_name()} model={cfg.model.name} -> {out}")
+    status = run_training(cfg, out, progress=progress)
+    console.print(f"[green]{status['status']}[/green] after {status.get('step')} steps "
+                  f"({status.get('input_tokens', 0)} input tokens, {status.get('wall_time_s', 0)} s). "
+                  f"Metrics: {out / 'metrics.jsonl'}; model: {out / 'final'}")
+
+
+@app.command()
+def validate(
+    file: Optional[str] = typer.Argument(None, help="A run config or an ablation YAML."),
+    set_: Optional[List[str]] = SetOption,
+    show_defaults: bool = typer.Option(False, "--show-defaults", help="Print every setting with its default."),
+):
+    """Check a config without running anything; print it fully resolved."""
+    import yaml
+
+    from rlp_cli.config import TrainConfig, load_config
+
+    if show_defaults or file is None:
+        console.print(yaml.safe_dump(TrainConfig().to_dict(), sort_keys=False))
+        return
+    cfg = load_config(file, list(set_ or []))
+    from rlp_cli.rewards import get_reward
+
+    if cfg.objective.name != "ntp":
+        get_reward(cfg.objective.reward_name())
+    console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    console.print(f"[green]{file}: valid[/green]")
+
+
+@app.command("ls")
+def list_things(what: Optional[str] = typer.Argument(None, help="configs | models | corpora | rewards")):
+    """List built-in configs, models, corpora and rewards."""
+    from rich.table import Table
+
+    from rlp_cli.config import builtin_config_names
+    from rlp_cli.data import BUILTIN_CORPORA
+    from rlp_cli.models import BUILTIN_MODELS
+    from rlp_cli.rewards import REWARDS
+
+    sections = {
+        "configs": {n: "built-in run config (rlp_cli/configs)" for n in builtin_config_names()},
+        "models": BUILTIN_MODELS,
+        "corpora": BUILTIN_CORPORA,
+        "rewards": {n: f"[{s.kind}] {s.description}" for n, s in sorted(REWARDS.items())},
+    }
+    if what and what not in sections:
+        raise UserError(f"rlp ls: unknown section '{what}'. Fix: use one of {', '.join(sections)}.")
+    for name, rows in sections.items():
+        if what and name != what:
+            continue
+        table = Table(title=name, show_header=False, title_justify="left")
+        for key, desc in rows.items():
+            table.add_row(f"[bold]{key}[/bold]", desc)
+        console.print(table)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]: nothing finished is lost; run the same command again to resume.")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

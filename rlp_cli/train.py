@@ -1,0 +1,476 @@
+"""The trainer: RLP's Algorithm 1 and the objectives it is compared against.
+
+`thought_policy_step` is one step of Algorithm 1 for any registered reward (RLP's information gain
+or RPT's matches); `ntp_step` is next-token continued pretraining (the paper's CPT baseline).
+`Trainer` owns the state a run needs to resume exactly (model, optimizer, EMA teacher, RNG states,
+data position) and `train()` writes the run folder:
+
+    config.yaml  metrics.jsonl  samples.jsonl  status.json  provenance.json  checkpoint/  final/
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlp_cli import objective as O
+from rlp_cli import runio
+from rlp_cli.config import TrainConfig
+from rlp_cli.data import WindowStream, load_documents, select_positions, split_documents, token_windows
+from rlp_cli.errors import UserError
+from rlp_cli.models import configure_threads, forward, load_model, resolve_device
+from rlp_cli.rewards import RewardInputs, get_reward
+from rlp_cli.rollout import (Context, naive_context_logprobs, naive_s_pred, policy_logprobs, sample_thoughts,
+                             window_logprobs)
+
+CONTINUATION_TOKENS = 32  # how much of the true text the rpt rewards may match against
+
+
+def matmul_params(model) -> int:
+    """Parameters used in matrix products per token (the embedding lookup is free; a tied head is not)."""
+    n_unique = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight.data_ptr() == emb.data_ptr()
+    return n_unique if tied else n_unique - emb.numel()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, out_dir: Path | None = None):
+        self.cfg = config
+        self.out = Path(out_dir) if out_dir else None
+        self.threads = configure_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self._seed_everything(config.seed)
+        loaded = load_model(config.model.name, config.model.dtype, self.device)
+        self.model, self.tok = loaded.model, loaded.tokenizer
+        self.model_source = loaded.source
+        self.open_id, self.close_id = loaded.think_open_id, loaded.think_close_id
+        self.pad_id = self.tok.pad_token_id
+        self.eos_id = self.tok.eos_token_id
+        self.model.train()
+
+        obj = config.objective
+        self.reward = None if obj.name == "ntp" else get_reward(obj.reward_name())
+        if self.reward is not None and "prediction" in self.reward.needs and "s_pred" in self.reward.needs \
+                and obj.horizon > 1:
+            raise UserError("objective.horizon > 1 cannot be combined with a reward that writes a prediction. "
+                            "Fix: set objective.horizon: 1.")
+        self.needs_ema = self.reward is not None and ("s_ema" in self.reward.needs or config.data.positions == "surprise")
+        self.teacher = None  # the EMA teacher phi: lazily initialised from theta on the first batch
+        self.reference = None
+        if obj.kl_beta > 0 and self.reward is not None:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
+                                           weight_decay=config.optim.weight_decay)
+        self.flops_per_token = 2 * matmul_params(self.model)
+
+        docs = load_documents(config.data.corpus, config.data.num_documents, config.seed, config.data.text_field,
+                              config.data.txt_split)
+        train_docs, self.heldout_docs = split_documents(docs, config.data.heldout_fraction)
+        min_len = config.data.min_prefix_tokens + max(obj.horizon, 1)
+        self.stream = WindowStream(token_windows(train_docs, self.tok, config.data.max_context_tokens, min_len),
+                                   config.seed)
+        self.prompt_ids = self.tok(obj.thought_prompt, add_special_tokens=False).input_ids if obj.thought_prompt else []
+
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.position_rng = np.random.default_rng([config.seed, 7])
+        self.step = 0
+        self.totals = {"input_tokens": 0, "generated_tokens": 0, "num_tokens": 0, "flops": 0.0}
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # ----------------------------------------------------------------------------------------
+    # Budgets and schedule
+
+    def done(self) -> bool:
+        b = self.cfg.budget
+        return (b.steps is not None and self.step >= b.steps) or \
+            (b.input_tokens is not None and self.totals["input_tokens"] >= b.input_tokens)
+
+    def progress_fraction(self) -> float:
+        b = self.cfg.budget
+        fractions = []
+        if b.steps:
+            fractions.append(self.step / b.steps)
+        if b.input_tokens:
+            fractions.append(self.totals["input_tokens"] / b.input_tokens)
+        return min(1.0, max(fractions)) if fractions else 0.0
+
+    def learning_rate(self) -> float:
+        o = self.cfg.optim
+        if o.lr_end is None:
+            return o.lr
+        return o.lr + (o.lr_end - o.lr) * self.progress_fraction()
+
+    # ----------------------------------------------------------------------------------------
+    # One step
+
+    def train_step(self) -> tuple[dict, dict | None]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
+        windows = self.stream.next_batch(self.cfg.optim.batch_documents)
+        start = time.perf_counter()
+        if self.reward is None:
+            metrics, sample = self.ntp_step(windows)
+        else:
+            metrics, sample = self.thought_policy_step(windows)
+        self.step += 1
+        input_tokens = sum(len(w) for w in windows)
+        self.totals["input_tokens"] += input_tokens
+        self.totals["generated_tokens"] += metrics.pop("_generated", 0)
+        self.totals["num_tokens"] += metrics.pop("_num_tokens", 0)
+        self.totals["flops"] += metrics.pop("_flops", 0.0)
+        metrics.update(step=self.step, epoch=self.stream.epoch, learning_rate=self.learning_rate(),
+                       step_time=time.perf_counter() - start, **self.totals)
+        return metrics, sample
+
+    def contexts_for(self, windows: list[list[int]], ema_logprobs) -> list[Context]:
+        d, obj = self.cfg.data, self.cfg.objective
+        contexts = []
+        for i, w in enumerate(windows):
+            first, last = d.min_prefix_tokens, len(w) - obj.horizon
+            for t in select_positions(d.positions, len(w), first, last, self.position_rng, stride=d.stride,
+                                      k=d.surprise_k, cap=d.max_positions_per_document,
+                                      ema_logprobs=None if ema_logprobs is None else ema_logprobs[i]):
+                contexts.append(Context(prompt=self.prompt_ids + w[:t] + [self.open_id],
+                                        targets=w[t:t + obj.horizon],
+                                        continuation=w[t:t + CONTINUATION_TOKENS], doc_index=i, position=t))
+        return contexts
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token's text, decoded in context so multi-byte characters split across tokens survive."""
+        out, prev = [], ""
+        for k in range(1, len(ids) + 1):
+            text = self.tok.decode(ids[:k])
+            out.append(text[len(prev):])
+            prev = text
+        return out
+
+    def thought_policy_step(self, windows: list[list[int]]) -> tuple[dict, dict]:
+        """Algorithm 1: sample G thoughts per context, reward them, one clipped policy-gradient update."""
+        cfg, obj = self.cfg, self.cfg.objective
+        g, fast, needs = obj.num_rollouts, cfg.fast_path, self.reward.needs
+        flop_tokens = {"forward": 0, "train": 0}
+
+        # Lazy EMA init: phi <- theta on the first batch.
+        if self.needs_ema and self.teacher is None:
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # S_ema for every position of every window, one teacher-forced forward each (fast path).
+        ema_lp = None
+        if self.teacher is not None and (fast or cfg.data.positions == "surprise"):
+            ema_lp, n = window_logprobs(self.teacher, windows, self.pad_id)
+            flop_tokens["forward"] += n
+        contexts = self.contexts_for(windows, ema_lp)
+
+        # theta_old = theta: one update per batch, so the behaviour policy is the current weights.
+        self.model.eval()
+        rollouts = sample_thoughts(self.model, contexts, num_rollouts=g, max_thought_tokens=obj.thought_tokens,
+                                   temperature=obj.temperature, close_id=self.close_id, pad_id=self.pad_id,
+                                   eos_id=self.eos_id, generator=self.generator,
+                                   score_targets="s_pred" in needs and fast,
+                                   prediction_tokens=obj.prediction_tokens if "prediction" in needs else 0)
+        self.model.train()
+        flop_tokens["forward"] += rollouts.forward_tokens
+
+        # Rewards (constants).
+        inputs = RewardInputs(num_rollouts=g, gamma=obj.gamma,
+                              target_ids=torch.tensor([c.targets for c in contexts]).repeat_interleave(g, 0),
+                              continuation_tokens=[self.token_strings(c.continuation) for c in contexts
+                                                   for _ in range(g)])
+        if "s_pred" in needs:
+            if fast:
+                inputs.s_pred = rollouts.s_pred
+            else:
+                inputs.s_pred, n = naive_s_pred(self.model, contexts, rollouts, g, self.close_id, self.pad_id)
+                flop_tokens["forward"] += n
+        if "s_ema" in needs:
+            if fast:
+                h = obj.horizon
+                inputs.s_ema = torch.stack([ema_lp[c.doc_index][c.position:c.position + h] for c in contexts])
+            else:
+                inputs.s_ema, n = naive_context_logprobs(self.teacher, windows, contexts, self.pad_id)
+                flop_tokens["forward"] += n
+            inputs.s_ema = inputs.s_ema.repeat_interleave(g, 0)
+        if "prediction" in needs:
+            inputs.prediction_ids = rollouts.prediction_ids
+            inputs.predictions = [self.tok.decode(p) for p in rollouts.prediction_ids]
+            inputs.prediction_first_prob = rollouts.prediction_first_prob
+        rewards = self.reward.fn(inputs).to(self.device).float()  # [N]
+
+        # Group-relative advantages (eq. 7) and the clipped surrogate over sampled tokens (eq. 8).
+        advantages = O.group_advantages(rewards.view(-1, g)).view(-1)
+        logp, entropy, n = policy_logprobs(self.model, contexts, rollouts, g, obj.temperature, self.pad_id, fast)
+        flop_tokens["train"] += n
+        logp_old = logp.detach()  # one update per batch: pi_theta_old is this same forward, detached
+        mask = rollouts.action_mask
+        loss = O.clipped_surrogate(logp, logp_old, advantages, mask, obj.clip_eps_low, obj.clip_eps_high)
+        kl = torch.zeros(())
+        if self.reference is not None:
+            with torch.no_grad():
+                logp_ref, _, n = policy_logprobs(self.reference, contexts, rollouts, g, obj.temperature,
+                                                 self.pad_id, fast)
+            flop_tokens["forward"] += n
+            kl = O.kl_penalty(logp, logp_ref, mask)
+            loss = loss + obj.kl_beta * kl
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        if self.teacher is not None:
+            O.ema_update(self.teacher, self.model, obj.ema_tau)
+
+        # Metrics under TRL's names, plus RLP's own.
+        clip_low, clip_high = O.clip_fractions(logp_old, logp_old, advantages, mask, obj.clip_eps_low, obj.clip_eps_high)
+        lengths = rollouts.thought_lengths.float()
+        m = mask.bool()
+        generated = int(mask.sum())
+        reward_name = obj.reward_name()
+        metrics = {
+            "loss": loss.item(), "reward": float(rewards.mean()),
+            "reward_std": float(rewards.view(-1, g).std(dim=-1).mean()),
+            f"rewards/{reward_name}/mean": float(rewards.mean()),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/clipped_ratio": float((~rollouts.closed).float().mean()),
+            "clip_ratio/low_mean": clip_low, "clip_ratio/high_mean": clip_high,
+            "kl": float(kl), "entropy": float(entropy[m].mean()) if m.any() else 0.0,
+            "grad_norm": float(grad_norm), "num_contexts": len(contexts),
+            "_generated": generated,
+            "_num_tokens": sum(len(c.prompt) for c in contexts) * g + generated,
+            "_flops": self.flops_per_token * (flop_tokens["forward"] + 3 * flop_tokens["train"]),
+        }
+        if inputs.s_pred is not None and inputs.s_ema is not None:
+            gain = O.info_gain(inputs.s_pred[:, 0], inputs.s_ema[:, 0])
+            metrics.update({"rlp/s_pred": float(inputs.s_pred[:, 0].mean()),
+                            "rlp/s_ema": float(inputs.s_ema[:, 0].mean()),
+                            "rlp/info_gain": float(gain.mean()),
+                            "rlp/frac_positive": float((gain > 0).float().mean())})
+        sample = self._sample_record(windows, contexts, rollouts, rewards, inputs)
+        return metrics, sample
+
+    def _sample_record(self, windows, contexts, rollouts, rewards, inputs) -> dict:
+        g, c = self.cfg.objective.num_rollouts, contexts[0]
+        thoughts = []
+        for i in range(g):
+            length = int(rollouts.thought_lengths[i])
+            row = {"thought": self.tok.decode(rollouts.seq[i, :length].tolist()), "tokens": length,
+                   "closed": bool(rollouts.closed[i]), "reward": float(rewards[i])}
+            if inputs.predictions is not None:
+                row["prediction"] = inputs.predictions[i]
+            if inputs.s_pred is not None:
+                row["s_pred"] = float(inputs.s_pred[i, 0])
+            thoughts.append(row)
+        return {"context_tail": self.tok.decode(windows[c.doc_index][max(0, c.position - 48):c.position]),
+                "target": self.tok.decode(c.targets), "position": c.position,
+                "s_ema": None if inputs.s_ema is None else float(inputs.s_ema[0, 0]), "thoughts": thoughts}
+
+    def ntp_step(self, windows: list[list[int]]) -> tuple[dict, dict | None]:
+        """Continued pretraining: mean next-token cross-entropy over the same document windows."""
+        width = max(len(w) for w in windows)
+        ids = torch.full((len(windows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, w in enumerate(windows):
+            ids[i, :len(w)] = torch.tensor(w)
+            mask[i, :len(w)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        logits, _ = forward(self.model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                 labels.reshape(-1), ignore_index=-100)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        tokens = int(mask.sum())
+        return {"loss": loss.item(), "perplexity": math.exp(min(float(loss), 50.0)), "grad_norm": float(grad_norm),
+                "_num_tokens": tokens, "_flops": self.flops_per_token * 3 * ids.numel()}, None
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoints: everything needed to continue the same trajectory
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "totals": dict(self.totals),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
+            "stream": self.stream.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "generator": self.generator.get_state(),
+                    "positions": self.position_rng.bit_generator.state},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.totals = state["step"], dict(state["totals"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["teacher"] is not None:
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.teacher.load_state_dict(state["teacher"])
+        self.stream.load_state_dict(state["stream"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        self.position_rng.bit_generator.state = rng["positions"]
+
+    def save_checkpoint(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / "state.pt.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, directory / "state.pt")
+
+    def load_checkpoint(self, directory: Path) -> bool:
+        path = directory / "state.pt"
+        if not path.is_file():
+            return False
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# A run folder
+
+
+def _check_run_dir(out: Path, config: TrainConfig) -> str | None:
+    """Return the previous status of this folder, refusing a folder written by a different config."""
+    cfg_path = out / "config.yaml"
+    if cfg_path.exists():
+        import yaml
+
+        previous = yaml.safe_load(cfg_path.read_text())
+        current = config.to_dict()
+        if previous != current:
+            changed = sorted(k for k in set(_flatten(previous)) | set(_flatten(current))
+                             if _flatten(previous).get(k) != _flatten(current).get(k))
+            raise UserError(f"{out}: this run folder was written by a different config (changed: {', '.join(changed)}); "
+                            "resuming would mix two runs. Fix: pass another --out, or delete the folder to start over.")
+    status = runio.read_json(out / "status.json", {})
+    return status.get("status")
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in (tree or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _write_status(out: Path, status: str, **extra) -> None:
+    runio.write_json(out / "status.json", {"status": status, "updated": runio.now(), **extra})
+
+
+class _Progress:
+    """A rich progress bar on a terminal, plain log lines otherwise (ablation children, CI)."""
+
+    def __init__(self, total: int | None, name: str, enabled: bool):
+        self.name, self.total = name, total
+        self.bar = None
+        self.last_print = 0.0
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task(name, total=total, info="")
+            self.bar.start()
+        self.enabled = enabled
+
+    def update(self, m: dict) -> None:
+        info = f"reward {m.get('reward', float('nan')):+.4f}  " if "reward" in m else f"loss {m['loss']:.3f}  "
+        if "rlp/info_gain" in m:
+            info += f"info_gain {m['rlp/info_gain']:+.4f}  "
+        info += f"{m['step_time']:.2f}s/step"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=m["step"], info=info)
+        elif self.enabled and (time.time() - self.last_print > 10 or m["step"] == self.total):
+            self.last_print = time.time()
+            print(f"[{self.name}] step {m['step']}/{self.total or '?'}  {info}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Train into out_dir, resuming from its checkpoint if one exists. Returns the final status."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _check_run_dir(out, config)
+    if previous == "completed":
+        return runio.read_json(out / "status.json")
+    runio.write_yaml(out / "config.yaml", config.to_dict())
+    started = time.time()
+    _write_status(out, "running", step=0, pid=os.getpid())
+    try:
+        trainer = Trainer(config, out)
+        resumed = trainer.load_checkpoint(out / "checkpoint")
+        # A resumed run re-logs the steps after its checkpoint exactly once.
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            if resumed:
+                runio.truncate_jsonl(out / name, trainer.step)
+            elif (out / name).exists():
+                (out / name).unlink()
+        runio.write_json(out / "provenance.json", runio.provenance(
+            seed=config.seed, device=str(trainer.device), torch_threads=trainer.threads,
+            model_source=trainer.model_source, resumed_from_step=trainer.step if resumed else None,
+            n_params=sum(p.numel() for p in trainer.model.parameters()),
+            train_windows=len(trainer.stream.windows), heldout_documents=len(trainer.heldout_docs)))
+        bar = _Progress(config.budget.steps, config.name, progress)
+        try:
+            while not trainer.done():
+                metrics, sample = trainer.train_step()
+                runio.append_jsonl(out / "metrics.jsonl", metrics)
+                if sample is not None and (trainer.step == 1 or trainer.step % config.log.samples_every == 0):
+                    runio.append_jsonl(out / "samples.jsonl", {"step": trainer.step, **sample})
+                bar.update(metrics)
+                every = config.log.checkpoint_every
+                if every and trainer.step % every == 0 and not trainer.done():
+                    trainer.save_checkpoint(out / "checkpoint")
+                    _write_status(out, "running", step=trainer.step, pid=os.getpid())
+        finally:
+            bar.close()
+        if config.log.save_final:
+            final_tmp = out / "final.tmp"
+            trainer.model.save_pretrained(final_tmp)
+            trainer.tok.save_pretrained(final_tmp)
+            if (out / "final").exists():
+                import shutil
+
+                shutil.rmtree(out / "final")
+            os.replace(final_tmp, out / "final")
+        import shutil
+
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
+        status = {"status": "completed", "updated": runio.now(), "step": trainer.step,
+                  "wall_time_s": round(time.time() - started, 2), **trainer.totals}
+        runio.write_json(out / "status.json", status)
+        return status
+    except KeyboardInterrupt:
+        _write_status(out, "interrupted", error="interrupted by the user; run the same command again to resume")
+        raise
+    except UserError as e:
+        _write_status(out, "failed", error=str(e))
+        raise
+    except Exception as e:
+        _write_status(out, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        raise
