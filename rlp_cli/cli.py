@@ -98,6 +98,19 @@ def list_things(what: Optional[str] = typer.Argument(None, help="configs | model
         console.print(table)
 
 
+def _register_subcommands() -> None:
+    """Commands that live beside their code (ablate, eval, report, bench) add themselves via register(app)."""
+    import importlib
+    import importlib.util
+
+    for name in ("ablate", "evaluate", "report", "bench"):
+        if importlib.util.find_spec(f"rlp_cli.{name}") is not None:
+            importlib.import_module(f"rlp_cli.{name}").register(app)
+
+
+_register_subcommands()
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

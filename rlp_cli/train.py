@@ -35,6 +35,29 @@ from rlp_cli.rollout import (Context, naive_context_logprobs, naive_s_pred, poli
 CONTINUATION_TOKENS = 32  # how much of the true text the rpt rewards may match against
 
 
+class PhaseTimer:
+    """Wall time per phase of a step (synchronising CUDA so a phase is not billed to the next one)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                if timer.device.type == "cuda":
+                    torch.cuda.synchronize(timer.device)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.device.type == "cuda":
+                    torch.cuda.synchronize(timer.device)
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Phase()
+
+
 def matmul_params(model) -> int:
     """Parameters used in matrix products per token (the embedding lookup is free; a tied head is not)."""
     n_unique = sum(p.numel() for p in model.parameters())
@@ -166,6 +189,7 @@ class Trainer:
         cfg, obj = self.cfg, self.cfg.objective
         g, fast, needs = obj.num_rollouts, cfg.fast_path, self.reward.needs
         flop_tokens = {"forward": 0, "train": 0}
+        phase = self.phases = PhaseTimer(self.device)
 
         # Lazy EMA init: phi <- theta on the first batch.
         if self.needs_ema and self.teacher is None:
@@ -173,17 +197,19 @@ class Trainer:
         # S_ema for every position of every window, one teacher-forced forward each (fast path).
         ema_lp = None
         if self.teacher is not None and (fast or cfg.data.positions == "surprise"):
-            ema_lp, n = window_logprobs(self.teacher, windows, self.pad_id)
+            with phase("ema_scoring"):
+                ema_lp, n = window_logprobs(self.teacher, windows, self.pad_id)
             flop_tokens["forward"] += n
         contexts = self.contexts_for(windows, ema_lp)
 
         # theta_old = theta: one update per batch, so the behaviour policy is the current weights.
         self.model.eval()
-        rollouts = sample_thoughts(self.model, contexts, num_rollouts=g, max_thought_tokens=obj.thought_tokens,
-                                   temperature=obj.temperature, close_id=self.close_id, pad_id=self.pad_id,
-                                   eos_id=self.eos_id, generator=self.generator,
-                                   score_targets="s_pred" in needs and fast,
-                                   prediction_tokens=obj.prediction_tokens if "prediction" in needs else 0)
+        with phase("rollout"):
+            rollouts = sample_thoughts(self.model, contexts, num_rollouts=g, max_thought_tokens=obj.thought_tokens,
+                                       temperature=obj.temperature, close_id=self.close_id, pad_id=self.pad_id,
+                                       eos_id=self.eos_id, generator=self.generator,
+                                       score_targets="s_pred" in needs and fast,
+                                       prediction_tokens=obj.prediction_tokens if "prediction" in needs else 0)
         self.model.train()
         flop_tokens["forward"] += rollouts.forward_tokens
 
@@ -196,14 +222,16 @@ class Trainer:
             if fast:
                 inputs.s_pred = rollouts.s_pred
             else:
-                inputs.s_pred, n = naive_s_pred(self.model, contexts, rollouts, g, self.close_id, self.pad_id)
+                with phase("s_pred_scoring"):
+                    inputs.s_pred, n = naive_s_pred(self.model, contexts, rollouts, g, self.close_id, self.pad_id)
                 flop_tokens["forward"] += n
         if "s_ema" in needs:
             if fast:
                 h = obj.horizon
                 inputs.s_ema = torch.stack([ema_lp[c.doc_index][c.position:c.position + h] for c in contexts])
             else:
-                inputs.s_ema, n = naive_context_logprobs(self.teacher, windows, contexts, self.pad_id)
+                with phase("ema_scoring"):
+                    inputs.s_ema, n = naive_context_logprobs(self.teacher, windows, contexts, self.pad_id)
                 flop_tokens["forward"] += n
             inputs.s_ema = inputs.s_ema.repeat_interleave(g, 0)
         if "prediction" in needs:
@@ -214,26 +242,27 @@ class Trainer:
 
         # Group-relative advantages (eq. 7) and the clipped surrogate over sampled tokens (eq. 8).
         advantages = O.group_advantages(rewards.view(-1, g)).view(-1)
-        logp, entropy, n = policy_logprobs(self.model, contexts, rollouts, g, obj.temperature, self.pad_id, fast)
-        flop_tokens["train"] += n
-        logp_old = logp.detach()  # one update per batch: pi_theta_old is this same forward, detached
-        mask = rollouts.action_mask
-        loss = O.clipped_surrogate(logp, logp_old, advantages, mask, obj.clip_eps_low, obj.clip_eps_high)
-        kl = torch.zeros(())
-        if self.reference is not None:
-            with torch.no_grad():
-                logp_ref, _, n = policy_logprobs(self.reference, contexts, rollouts, g, obj.temperature,
-                                                 self.pad_id, fast)
-            flop_tokens["forward"] += n
-            kl = O.kl_penalty(logp, logp_ref, mask)
-            loss = loss + obj.kl_beta * kl
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
+        with phase("update"):
+            logp, entropy, n = policy_logprobs(self.model, contexts, rollouts, g, obj.temperature, self.pad_id, fast)
+            flop_tokens["train"] += n
+            logp_old = logp.detach()  # one update per batch: pi_theta_old is this same forward, detached
+            mask = rollouts.action_mask
+            loss = O.clipped_surrogate(logp, logp_old, advantages, mask, obj.clip_eps_low, obj.clip_eps_high)
+            kl = torch.zeros(())
+            if self.reference is not None:
+                with torch.no_grad():
+                    logp_ref, _, n = policy_logprobs(self.reference, contexts, rollouts, g, obj.temperature,
+                                                     self.pad_id, fast)
+                flop_tokens["forward"] += n
+                kl = O.kl_penalty(logp, logp_ref, mask)
+                loss = loss + obj.kl_beta * kl
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
         if self.teacher is not None:
-            O.ema_update(self.teacher, self.model, obj.ema_tau)
+            with phase("ema_update"):
+                O.ema_update(self.teacher, self.model, obj.ema_tau)
 
         # Metrics under TRL's names, plus RLP's own.
         clip_low, clip_high = O.clip_fractions(logp_old, logp_old, advantages, mask, obj.clip_eps_low, obj.clip_eps_high)
@@ -250,6 +279,7 @@ class Trainer:
             "clip_ratio/low_mean": clip_low, "clip_ratio/high_mean": clip_high,
             "kl": float(kl), "entropy": float(entropy[m].mean()) if m.any() else 0.0,
             "grad_norm": float(grad_norm), "num_contexts": len(contexts),
+            **{f"time/{k}": v for k, v in phase.seconds.items()},
             "_generated": generated,
             "_num_tokens": sum(len(c.prompt) for c in contexts) * g + generated,
             "_flops": self.flops_per_token * (flop_tokens["forward"] + 3 * flop_tokens["train"]),
