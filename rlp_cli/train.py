@@ -277,7 +277,7 @@ class Trainer:
             "completions/mean_length": float(lengths.mean()),
             "completions/clipped_ratio": float((~rollouts.closed).float().mean()),
             "clip_ratio/low_mean": clip_low, "clip_ratio/high_mean": clip_high,
-            "kl": float(kl), "entropy": float(entropy[m].mean()) if m.any() else 0.0,
+            "kl": kl.item(), "entropy": float(entropy[m].mean()) if m.any() else 0.0,
             "grad_norm": float(grad_norm), "num_contexts": len(contexts),
             **{f"time/{k}": v for k, v in phase.seconds.items()},
             "_generated": generated,
@@ -290,6 +290,8 @@ class Trainer:
                             "rlp/s_ema": float(inputs.s_ema[:, 0].mean()),
                             "rlp/info_gain": float(gain.mean()),
                             "rlp/frac_positive": float((gain > 0).float().mean())})
+        self.last_batch = {"windows": windows, "contexts": contexts, "rollouts": rollouts, "rewards": rewards,
+                           "advantages": advantages}  # kept for inspection (tests, debugging)
         sample = self._sample_record(windows, contexts, rollouts, rewards, inputs)
         return metrics, sample
 
