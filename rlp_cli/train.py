@@ -102,12 +102,14 @@ class Trainer:
                               config.data.txt_split)
         train_docs, self.heldout_docs = split_documents(docs, config.data.heldout_fraction)
         min_len = config.data.min_prefix_tokens + max(obj.horizon, 1)
-        self.stream = WindowStream(token_windows(train_docs, self.tok, config.data.max_context_tokens, min_len),
-                                   config.seed)
+        # Under torchrun each rank reads its own shard of the windows and samples with its own seed.
+        self.rank, self.world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        windows = token_windows(train_docs, self.tok, config.data.max_context_tokens, min_len)
+        self.stream = WindowStream(windows[self.rank::self.world_size], config.seed)
         self.prompt_ids = self.tok(obj.thought_prompt, add_special_tokens=False).input_ids if obj.thought_prompt else []
 
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.position_rng = np.random.default_rng([config.seed, 7])
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1009 + self.rank)
+        self.position_rng = np.random.default_rng([config.seed, self.rank, 7])
         self.step = 0
         self.totals = {"input_tokens": 0, "generated_tokens": 0, "num_tokens": 0, "flops": 0.0}
 
