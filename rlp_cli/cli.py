@@ -62,6 +62,11 @@ def validate(
     if show_defaults or file is None:
         console.print(yaml.safe_dump(TrainConfig().to_dict(), sort_keys=False))
         return
+    from rlp_cli.ablate import is_ablation_source, validate_ablation
+
+    if is_ablation_source(file):  # an ablation: expand it and validate every run
+        validate_ablation(file, list(set_ or []))
+        return
     cfg = load_config(file, list(set_ or []))
     from rlp_cli.rewards import get_reward
 
@@ -72,10 +77,11 @@ def validate(
 
 
 @app.command("ls")
-def list_things(what: Optional[str] = typer.Argument(None, help="configs | models | corpora | rewards")):
-    """List built-in configs, models, corpora and rewards."""
+def list_things(what: Optional[str] = typer.Argument(None, help="configs | presets | models | corpora | rewards")):
+    """List built-in configs, ablation presets, models, corpora and rewards."""
     from rich.table import Table
 
+    from rlp_cli.ablate import preset_descriptions
     from rlp_cli.config import builtin_config_names
     from rlp_cli.data import BUILTIN_CORPORA
     from rlp_cli.models import BUILTIN_MODELS
@@ -83,6 +89,7 @@ def list_things(what: Optional[str] = typer.Argument(None, help="configs | model
 
     sections = {
         "configs": {n: "built-in run config (rlp_cli/configs)" for n in builtin_config_names()},
+        "presets": preset_descriptions(),
         "models": BUILTIN_MODELS,
         "corpora": BUILTIN_CORPORA,
         "rewards": {n: f"[{s.kind}] {s.description}" for n, s in sorted(REWARDS.items())},
