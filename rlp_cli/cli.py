@@ -120,7 +120,8 @@ _register_subcommands()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # typer returns (not raises) the exit code of a handled Ctrl-C
+        sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as e:
         err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -445,8 +445,17 @@ class _Progress:
             self.bar.stop()
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train into out_dir, resuming from its checkpoint if one exists. Returns the final status."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a terminated run is marked resumable, not running
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = _check_run_dir(out, config)
