@@ -13,6 +13,7 @@ embeddings initialised from the tokens that spelled them before, not at random.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import importlib.util
@@ -111,8 +112,12 @@ def _gguf_to_safetensors(gguf_path: Path):
         kw = dict(gguf_file=gguf_path.name)
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
-        # save_pretrained refuses a GGUF-loaded model: rebuild it from its config and state dict.
-        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-loaded model: rebuild it from its config (without the GGUF
+        # quantization entry, or every later save of a fine-tuned copy is refused too) and state dict.
+        config = copy.deepcopy(gguf_model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         model.save_pretrained(out)
         tok.save_pretrained(out)
@@ -138,14 +143,14 @@ def resolve_model_dir(name: str) -> Path:
     if name == "tiny":
         return _build_cache(cache_root() / "models" / "tiny-v1", _build_tiny)
     if name == "smollm2-135m":
-        return _build_cache(cache_root() / "models" / "smollm2-135m-instruct", _gguf_to_safetensors(smollm2_gguf_path()))
+        return _build_cache(cache_root() / "models" / "smollm2-135m-instruct-v2", _gguf_to_safetensors(smollm2_gguf_path()))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"model '{name}': GGUF file not found. Fix: check the path.")
         st = path.stat()
         key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-        return _build_cache(cache_root() / "models" / f"gguf-{path.stem}-{key}", _gguf_to_safetensors(path))
+        return _build_cache(cache_root() / "models" / f"gguf-v2-{path.stem}-{key}", _gguf_to_safetensors(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model '{name}': the directory has no config.json, so it is not a Hugging Face model "

@@ -494,8 +494,12 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
             bar.close()
         if config.log.save_final:
             final_tmp = out / "final.tmp"
-            trainer.model.save_pretrained(final_tmp)
-            trainer.tok.save_pretrained(final_tmp)
+            try:
+                trainer.model.save_pretrained(final_tmp)
+                trainer.tok.save_pretrained(final_tmp)
+            except Exception:
+                trainer.save_checkpoint(out / "checkpoint")  # a re-run resumes here and only retries the save
+                raise
             if (out / "final").exists():
                 import shutil
 

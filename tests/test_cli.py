@@ -119,7 +119,7 @@ def test_smollm2_smoke_run(tmp_path):
     out = tmp_path / "smol"
     r = rlp("train", "default", "--out", str(out), "--no-progress", "--set", "budget.steps=1",
             "--set", "objective.num_rollouts=2", "--set", "objective.thought_tokens=4",
-            "--set", "optim.batch_documents=1", "--set", "data.num_documents=50", "--set", "log.save_final=false")
+            "--set", "optim.batch_documents=1", "--set", "data.num_documents=50")
     assert r.returncode == 0, r.stderr
     row = read_jsonl(out / "metrics.jsonl")[0]
     assert row["rlp/s_ema"] < 0 and abs(row["rlp/info_gain"]) < 20
