@@ -1,25 +1,34 @@
 """`rlp bench`: time whole RLP steps and show where the time of a step goes.
 
 A step is timed end to end (Trainer.train_step) after warm-up steps, and split two ways:
-- by phase, as the trainer records them: EMA scoring, rollout, S_pred scoring (naive path only),
+- by phase, as the trainer records them: rollout, S_pred scoring (naive path only), EMA scoring,
   update, EMA update, and "other" (rewards, metrics, bookkeeping) = step - sum of phases;
 - into time inside model calls (forwards of policy / EMA teacher / reference, backward, optimizer
   step) and time outside them: the overhead of the code around the model.
 Achieved model FLOP/s (the trainer's own per-step estimate) is set against the FLOP/s of a plain
-matrix product of a similar size on the same device, our practical "limit".
+matrix product of a similar size on the same device, our practical "limit". The process's CPU time
+per step is recorded too: on a shared machine, wall time >> CPU time x threads means the step
+waited for a core, and its wall time says more about the neighbours than about rlp.
 
 The reference setting (issue 5): G=8 thoughts of up to 32 tokens for each of 4 contexts cut from
 windows of 128 tokens, with a tiny learning rate so the weights barely move while timing.
+
+`--vs-trl` runs the same setting through Hugging Face TRL's GRPOTrainer (an optional extra, never
+a dependency of rlp): the same prompts (x_<t + <think>), an information-gain reward that re-encodes
+prompt + thought with the policy and x_<t with an EMA teacher, and a callback that updates the
+teacher after each step. It runs in a child process so that its peak memory is its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import platform
 import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -36,6 +45,9 @@ REFERENCE_SETTING = [
     "optim.lr=1.0e-9",
 ]
 PHASES = ["rollout", "s_pred_scoring", "ema_scoring", "update", "ema_update"]
+TRL_MISSING = ("rlp bench --vs-trl: the comparison runs Hugging Face TRL's GRPOTrainer, and the package `trl` is not "
+               "installed (it is not part of rlp's install). Fix: `pip install trl` (into a separate environment if "
+               "you want to keep this one as it is), or drop --vs-trl.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +158,22 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
 
 
+def cpu_counters() -> list[int] | None:
+    """The machine's cumulative CPU time counters (Linux /proc/stat: user nice system idle iowait irq softirq steal)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return None
+
+
+def machine_load(before: list[int] | None, after: list[int] | None) -> dict:
+    """How busy the whole machine was between two cpu_counters(): other processes, and a hypervisor's steal."""
+    if not before or not after:
+        return {}
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta) or 1
+    return {"busy_fraction": 1 - (delta[3] + delta[4]) / total, "steal_fraction": delta[7] / total}
+
+
 def machine_info(threads: int) -> dict:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -153,12 +181,9 @@ def machine_info(threads: int) -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
-            "platform": platform.platform()}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "platform": platform.platform()}
     if hasattr(os, "sched_getaffinity"):
         info["usable_cores"] = len(os.sched_getaffinity(0))
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
 
 
@@ -173,6 +198,7 @@ def device_info(device) -> dict:
 
 
 def bench_config(model: Optional[str], overrides: list[str], naive: bool, config: str = "default"):
+    """The reference setting on top of a run config, then --model, --naive and the user's --set."""
     from rlp_cli.config import load_config
 
     settings = list(REFERENCE_SETTING)
@@ -183,6 +209,12 @@ def bench_config(model: Optional[str], overrides: list[str], naive: bool, config
     return load_config(config, settings + list(overrides))
 
 
+def _check_counts(warmup: int, steps: int) -> None:
+    if warmup < 1 or steps < 1:
+        raise UserError(f"rlp bench: --warmup {warmup} --steps {steps}: both must be at least 1 (the first step "
+                        "builds the EMA teacher and warms the allocator). Fix: pass --warmup 1 --steps 3 or more.")
+
+
 def run_bench(cfg, warmup: int, steps: int, log=print) -> dict:
     """Warm up, then time `steps` whole training steps of a Trainer built from cfg. Returns the result."""
     import torch
@@ -190,9 +222,7 @@ def run_bench(cfg, warmup: int, steps: int, log=print) -> dict:
     from rlp_cli import runio
     from rlp_cli.train import Trainer
 
-    if warmup < 1 or steps < 1:
-        raise UserError(f"rlp bench: --warmup {warmup} --steps {steps}: both must be at least 1 (the first step "
-                        "builds the EMA teacher and warms the allocator). Fix: pass --warmup 1 --steps 3 or more.")
+    _check_counts(warmup, steps)
     if cfg.objective.name == "ntp":
         raise UserError("rlp bench: objective.name=ntp has no thoughts to time. Fix: bench an rlp or rpt config.")
     built = time.perf_counter()
@@ -200,6 +230,7 @@ def run_bench(cfg, warmup: int, steps: int, log=print) -> dict:
     setup_s = time.perf_counter() - built
     device, threads = trainer.device, trainer.threads
     rss_after_load = peak_rss_mb()
+    load_before = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     log(f"rlp bench: {cfg.model.name} on {device} ({threads} threads), "
         f"{'fast' if cfg.fast_path else 'naive'} path, G={cfg.objective.num_rollouts}, "
         f"thought tokens={cfg.objective.thought_tokens}, {cfg.optim.batch_documents} documents x "
@@ -213,12 +244,14 @@ def run_bench(cfg, warmup: int, steps: int, log=print) -> dict:
     clock.attach([m for m in (trainer.model, trainer.teacher, trainer.reference) if m is not None], trainer.optimizer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rows = []
+    rows, counters_before = [], cpu_counters()
     try:
         for i in range(steps):
             before = dict(trainer.totals)
             clock.take()
+            cpu_start = time.process_time()
             metrics, _ = trainer.train_step()
+            cpu_s = time.process_time() - cpu_start
             calls = clock.take()
             step_time = metrics["step_time"]
             phases = {p: metrics.get(f"time/{p}", 0.0) for p in PHASES}
@@ -234,11 +267,14 @@ def run_bench(cfg, warmup: int, steps: int, log=print) -> dict:
                 **{f"model_{k}_s": v for k, v in calls.items()},
                 "outside_model_calls_s": step_time - model_calls,
                 "outside_model_calls_fraction": (step_time - model_calls) / step_time,
+                "cpu_s": cpu_s, "cpu_utilization": cpu_s / (step_time * threads),
                 "num_contexts": metrics.get("num_contexts", 0),
             })
-            log(f"  step {i + 1}/{steps}: {step_time:.3f} s, {generated / step_time:.1f} thought tokens/s")
+            log(f"  step {i + 1}/{steps}: {step_time:.3f} s ({cpu_s:.3f} s CPU), "
+                f"{generated / step_time:.1f} thought tokens/s")
     finally:
         clock.detach()
+    counters_after = cpu_counters()
 
     hidden = getattr(trainer.model.config, "hidden_size", 1024)
     limit = matmul_limit(device, next(trainer.model.parameters()).dtype, hidden)
@@ -248,8 +284,9 @@ def run_bench(cfg, warmup: int, steps: int, log=print) -> dict:
     if device.type == "cuda":
         memory["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     machine = machine_info(threads)
+    machine.update(load_average_before=load_before, during_timed_steps=machine_load(counters_before, counters_after))
     if hasattr(os, "getloadavg"):
-        machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return {
         "kind": "rlp bench",
         "path": "fast" if cfg.fast_path else "naive",
@@ -266,27 +303,198 @@ def run_bench(cfg, warmup: int, steps: int, log=print) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# The same setting through TRL's GRPOTrainer (optional)
+
+
+def check_trl() -> None:
+    """TRL is an optional extra, never in rlp's install: say how to get it when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None:
+        raise UserError(TRL_MISSING)
+
+
+def run_trl(config: dict, warmup: int, steps: int) -> dict:
+    """Time GRPOTrainer steps doing RLP at the same setting (runs in a child process; see trl_in_child)."""
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlp_cli.config import TrainConfig
+    from rlp_cli.models import forward
+    from rlp_cli.rollout import _positions, _right_pad, _token_logp
+    from rlp_cli.train import Trainer
+
+    cfg = TrainConfig.model_validate(config)
+    rlp = Trainer(cfg)  # only for its model, tokenizer, thread setting and the same windows and positions
+    obj, g = cfg.objective, cfg.objective.num_rollouts
+    prompts, per_step = [], None
+    for _ in range(warmup + steps):
+        windows = rlp.stream.next_batch(cfg.optim.batch_documents)
+        contexts = rlp.contexts_for(windows, None)
+        if per_step is not None and len(contexts) != per_step:
+            raise UserError("rlp bench --vs-trl: GRPOTrainer needs the same number of prompts at every step, and "
+                            f"data.positions={cfg.data.positions} gives {per_step}, then {len(contexts)}. "
+                            "Fix: compare with data.positions=random_one (the reference setting).")
+        per_step = len(contexts)
+        prompts += [{"prompt": rlp.tok.decode(c.prompt), "rlp_prompt": c.prompt,
+                     "rlp_prefix": windows[c.doc_index][:c.position], "rlp_target": c.targets[0]} for c in contexts]
+    teacher = copy.deepcopy(rlp.model).eval().requires_grad_(False)
+    grpo_holder = {}
+
+    @torch.no_grad()
+    def last_token_logp(model, rows, targets):
+        ids, mask = _right_pad(rows, rlp.pad_id, rlp.device)
+        logits, _ = forward(model, ids, mask, _positions(mask))
+        last = logits[torch.arange(len(rows)), mask.sum(1) - 1]
+        return _token_logp(last, torch.tensor(targets, device=rlp.device))
+
+    def info_gain(prompts, completions, completion_ids, rlp_prompt, rlp_prefix, rlp_target, **kwargs):
+        # S_pred re-encodes prompt + thought + </think> with the policy; S_ema scores x_<t once per prompt.
+        policy = grpo_holder["trainer"].model
+        rows = [p + list(c) + ([] if c and c[-1] == rlp.close_id else [rlp.close_id])
+                for p, c in zip(rlp_prompt, completion_ids)]
+        s_pred = last_token_logp(policy, rows, rlp_target)
+        unique = list(dict.fromkeys((tuple(p), t) for p, t in zip(rlp_prefix, rlp_target)))
+        s_ema = dict(zip(unique, last_token_logp(teacher, [list(p) for p, _ in unique], [t for _, t in unique])))
+        return (s_pred - torch.stack([s_ema[(tuple(p), t)] for p, t in zip(rlp_prefix, rlp_target)])).tolist()
+
+    class EmaAndClock(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            with torch.no_grad():
+                for t, s in zip(teacher.parameters(), grpo_holder["trainer"].model.parameters()):
+                    t.lerp_(s.detach(), 1.0 - obj.ema_tau)
+            if rlp.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+            last = self.ends[-1] - (self.ends[-2] if len(self.ends) > 1 else start)
+            kind = "warm-up" if len(self.ends) <= warmup else "step"
+            print(f"  TRL {kind} {len(self.ends)}/{warmup + steps}: {last:.3f} s", flush=True)
+
+    clock = EmaAndClock()
+    with tempfile.TemporaryDirectory(prefix="rlp-bench-trl-") as out_dir:
+        args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=per_step * g, num_generations=g,
+                          max_completion_length=obj.thought_tokens, temperature=obj.temperature,
+                          learning_rate=cfg.optim.lr, beta=0.0, epsilon=obj.clip_eps_low,
+                          epsilon_high=obj.clip_eps_high, scale_rewards="none", loss_type="grpo",
+                          num_iterations=1, steps_per_generation=1, max_steps=warmup + steps,
+                          shuffle_dataset=False, disable_dropout=True, report_to="none", save_strategy="no",
+                          logging_steps=1, disable_tqdm=True, use_cpu=rlp.device.type == "cpu",
+                          generation_kwargs={"eos_token_id": [rlp.close_id]},
+                          # like for like with rlp: float32 compute, activations kept (TRL's defaults are
+                          # bf16 autocast and gradient checkpointing)
+                          bf16=False, fp16=False, gradient_checkpointing=False)
+        trainer = GRPOTrainer(model=_trainable_copy(rlp.model), reward_funcs=info_gain, args=args,
+                              train_dataset=Dataset.from_list(prompts), processing_class=rlp.tok, callbacks=[clock])
+        trainer.remove_callback(PrinterCallback)  # its per-step log lines would bury rlp's table
+        grpo_holder["trainer"] = trainer
+        start = time.perf_counter()
+        trainer.train()
+    step_times = [b - a for a, b in zip([start] + clock.ends, clock.ends)][warmup:]
+    logged = [r for r in trainer.state.log_history if "completions/mean_length" in r][warmup:]
+    tokens = [r["completions/mean_length"] * per_step * g for r in logged]
+    return {"trl_version": __import__("trl").__version__,
+            "settings": {k: getattr(args, k) for k in ("per_device_train_batch_size", "num_generations",
+                                                       "max_completion_length", "bf16", "gradient_checkpointing",
+                                                       "loss_type", "scale_rewards", "beta")},
+            "step_time_s": summarize(step_times),
+            "thought_tokens_per_s": summarize([n / t for n, t in zip(tokens, step_times)]),
+            "steps_per_s": summarize([1.0 / t for t in step_times]), "peak_rss_mb": peak_rss_mb(),
+            "prompts_per_step": per_step}
+
+
+def _trainable_copy(model):
+    """A copy that Hugging Face's Trainer accepts for full fine-tuning.
+
+    The SmolLM2 cache was de-quantised from GGUF to float32 but its config still names the GGUF
+    quantizer, so transformers marks the model quantized and the Trainer refuses to train it.
+    """
+    model = copy.deepcopy(model)
+    if getattr(model, "hf_quantizer", None) is not None and all(p.is_floating_point() for p in model.parameters()):
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def _trl_child(config: dict, warmup: int, steps: int, queue) -> None:
+    try:
+        queue.put(("ok", run_trl(config, warmup, steps)))
+    except UserError as e:
+        queue.put(("user", str(e)))
+    except Exception as e:  # reported by the parent with its type; the rlp result is kept either way
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _give_memory_back() -> None:
+    """Return freed heap to the OS (glibc keeps it), so the TRL child does not compete with rlp's leftovers."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def trl_in_child(cfg, warmup: int, steps: int) -> dict:
+    """run_trl in a fresh process, so its peak RSS is not mixed with rlp's."""
+    import multiprocessing
+
+    _give_memory_back()
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_trl_child, args=(cfg.to_dict(), warmup, steps, queue))
+    child.start()
+    import queue as queues
+
+    while True:
+        try:
+            status, payload = queue.get(timeout=5)
+            break
+        except queues.Empty:
+            if not child.is_alive():  # killed before it could report
+                status, payload = "error", f"the child process died with exit code {child.exitcode}"
+                if child.exitcode == -9:
+                    payload += (" (SIGKILL: usually the kernel's out-of-memory killer; TRL's GRPOTrainer needed "
+                                "over 13 GB for SmolLM2 at the reference setting)")
+                break
+    child.join()
+    if status == "user":
+        raise UserError(payload)
+    if status == "error":
+        raise UserError(f"rlp bench --vs-trl: TRL's GRPOTrainer failed: {payload}. The rlp numbers above were "
+                        "written. Fix: free memory (or use a smaller model), and check that the installed trl works "
+                        "with this transformers version.")
+    return payload
+
+
+# --------------------------------------------------------------------------------------------
 # Reporting
 
 
 def _fmt(x: float, unit: str = "") -> str:
     if not math.isfinite(x):
         return str(x)
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale and unit in ("FLOP/s", "FLOP"):
-            return f"{x / scale:.2f} {prefix}{unit}"
-    return f"{x:.3f}{(' ' + unit) if unit else ''}" if abs(x) < 100 else f"{x:.1f}{(' ' + unit) if unit else ''}"
+    if unit == "FLOP/s":
+        for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+            if abs(x) >= scale:
+                return f"{x / scale:.2f} {prefix}{unit}"
+    text = f"{x:.3f}" if abs(x) < 100 else f"{x:.1f}"
+    return f"{text} {unit}".strip()
 
 
 def render(result: dict, console) -> None:
     from rich.table import Table
 
-    s = result["summary"]
-    table = Table(title=f"rlp bench: {result['model']}, {result['path']} path, {result['timed_steps']} timed steps "
-                        f"(device {result['device']['name']}, {result['machine']['torch_threads']} threads)",
-                  title_justify="left")
-    for col in ("", "median", "min", "max", "share of step"):
-        table.add_column(col, justify="right" if col else "left")
+    s, threads = result["summary"], result["machine"]["torch_threads"]
+    table = Table(title=f"{result['model']}, {result['path']} path, {result['device']['name']}, {threads} threads: "
+                        f"{result['timed_steps']} steps", title_justify="left")
+    for col in ("", "median", "min", "max", "of step"):
+        table.add_column(col, justify="right" if col else "left", no_wrap=True)
     step = s["step_time_s"]["median"]
 
     def row(label, key, unit="", share=False):
@@ -295,44 +503,46 @@ def render(result: dict, console) -> None:
                       f"{100 * v['median'] / step:.1f}%" if share else "")
 
     row("step time", "step_time_s", "s")
+    row("  CPU time", "cpu_s", "s")
     row("steps / s", "steps_per_s")
     row("thought tokens / s", "thought_tokens_per_s")
     for p in PHASES + ["other"]:
         if p == "other" or s[f"phase_{p}_s"]["max"] > 0:
             row(f"  {p.replace('_', ' ')}", f"phase_{p}_s", "s", share=True)
-    row("inside model calls: forward", "model_forward_s", "s", share=True)
-    row("inside model calls: backward", "model_backward_s", "s", share=True)
-    row("inside model calls: optimizer", "model_optimizer_s", "s", share=True)
+    row("model forward", "model_forward_s", "s", share=True)
+    row("model backward", "model_backward_s", "s", share=True)
+    row("optimizer step", "model_optimizer_s", "s", share=True)
     row("outside model calls", "outside_model_calls_s", "s", share=True)
-    row("achieved model FLOP/s", "flops_per_s", "FLOP/s")
+    row("model FLOP/s", "flops_per_s", "FLOP/s")
     console.print(table)
     f, m = result["flops"], result["memory"]
     console.print(f"matmul limit {f['matmul_limit']['shape']} {f['matmul_limit']['dtype']}: "
-                  f"{_fmt(f['matmul_limit']['flops_per_s'], 'FLOP/s')}; achieved {100 * f['fraction_of_limit']:.1f}% of it")
-    mem = f"peak RSS {m['peak_rss_mb']:.0f} MB (after model load {m['rss_peak_after_load_mb']:.0f} MB)"
+                  f"{_fmt(f['matmul_limit']['flops_per_s'], 'FLOP/s')}; the steps achieved "
+                  f"{100 * f['fraction_of_limit']:.1f}% of it")
+    mem = f"peak RSS {m['peak_rss_mb']:.0f} MB (after loading {m['rss_peak_after_load_mb']:.0f} MB)"
     if "cuda_max_allocated_mb" in m:
         mem += f"; CUDA max allocated {m['cuda_max_allocated_mb']:.0f} MB"
     console.print(mem)
+    busy = result["machine"].get("during_timed_steps", {})
+    if busy:
+        console.print(f"while timing, the machine's cores were {100 * busy['busy_fraction']:.0f}% busy "
+                      f"({100 * busy['steal_fraction']:.0f}% stolen by the hypervisor); this process used "
+                      f"{threads} thread(s) of {result['machine']['cores']} cores")
+    if s["cpu_utilization"]["median"] < 0.8:
+        console.print(f"[yellow]note[/yellow]: the steps got {100 * s['cpu_utilization']['median']:.0f}% of "
+                      f"{threads} core(s); other processes were competing, so wall times are inflated.")
+    if "trl" in result:
+        t = result["trl"]
+        console.print(f"TRL {t['trl_version']} GRPOTrainer, same setting: {_fmt(t['step_time_s']['median'], 's')} "
+                      f"a step, {t['thought_tokens_per_s']['median']:.1f} thought tokens/s, peak RSS "
+                      f"{t['peak_rss_mb']:.0f} MB; rlp is {result['vs_trl']['thought_tokens_per_s_ratio']:.2f}x "
+                      "its thought tokens/s")
 
 
 def result_path(out: Path, result: dict) -> Path:
     model = Path(result["model"]).name.replace(".", "_") or "model"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return out / f"{model}-{result['path']}-{result['device']['type']}-{stamp}.json"
-
-
-# --------------------------------------------------------------------------------------------
-# TRL comparison (optional)
-
-
-def check_trl() -> None:
-    """TRL is an optional extra, never in the default install; say how to get it when it is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec("trl") is None:
-        raise UserError("rlp bench --vs-trl: the comparison runs Hugging Face TRL's GRPOTrainer, and the package "
-                        "`trl` is not installed (it is not part of rlp's default install). Fix: `pip install trl` "
-                        "into a separate environment that keeps this torch and transformers, or drop --vs-trl.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +561,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(3, "--steps", help="Timed steps."),
         warmup: int = typer.Option(1, "--warmup", help="Untimed warm-up steps before them."),
         vs_trl: bool = typer.Option(False, "--vs-trl", help="Also run TRL's GRPOTrainer at the same setting "
-                                    "(needs `trl`)."),
+                                    "(needs `pip install trl`)."),
         out: Path = typer.Option(Path("bench"), "--out", help="Folder for the JSON result."),
     ):
         """Time whole RLP steps (G=8, 32 thought tokens, 4 contexts of 128 tokens) and show where time goes."""
@@ -360,11 +570,22 @@ def register(app: typer.Typer) -> None:
         from rlp_cli import runio
 
         console = Console()
+        _check_counts(warmup, steps)
         if vs_trl:
-            check_trl()
+            check_trl()  # before minutes of rlp steps, not after
         cfg = bench_config(model, list(set_ or []), naive, config)
         result = run_bench(cfg, warmup, steps, log=lambda msg: console.print(msg, highlight=False))
-        render(result, console)
         path = result_path(out, result)
-        runio.write_json(path, result)
+        runio.write_json(path, result)  # written before TRL runs: a failure there loses nothing
+        if vs_trl:
+            console.print("running TRL's GRPOTrainer at the same setting (child process) ...")
+            result["trl"] = trl_in_child(cfg, warmup, steps)
+            ours, theirs = result["summary"], result["trl"]
+            result["vs_trl"] = {
+                "thought_tokens_per_s_ratio": ours["thought_tokens_per_s"]["median"]
+                / theirs["thought_tokens_per_s"]["median"],
+                "steps_per_s_ratio": ours["steps_per_s"]["median"] / theirs["steps_per_s"]["median"],
+            }
+            runio.write_json(path, result)
+        render(result, console)
         console.print(f"written {path}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -237,9 +238,14 @@ def configure_threads(threads: int | None) -> int:
 # transformers compatibility: the cache argument was renamed from past_key_values to cache (v5.2x)
 
 
-def _cache_kwarg(model) -> str:
-    params = inspect.signature(model.forward).parameters
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class) -> str:
+    params = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_kwarg(model) -> str:
+    return _cache_kwarg_of(type(model))
 
 
 def forward(model, input_ids, attention_mask, position_ids, cache=None, logits_to_keep=0):

@@ -1,14 +1,18 @@
 """Thought sampling and every model call around it, fast and naive.
 
 The fast path (RLP_SPEC section 5):
-- one teacher-forced EMA forward per document window gives S_ema at all its positions;
-- one forward per prefix, its KV cache repeated G times, all G thoughts decoded in parallel;
+- one teacher-forced EMA forward per document window gives S_ema at all its positions
+  (context_logprobs: only at the chosen ones, the window cut after the last);
+- one forward per prefix, its KV cache repeated G times, all G thoughts decoded in parallel into
+  room reserved in the cache (no re-concatenation per step); on a CPU each prefix is forwarded
+  without its padding;
 - S_pred from the generation cache: `</think>` and the target tokens fed after each thought, with
   per-rollout positions and masks, instead of re-encoding prefix + thought;
 - the update forwards each prefix once with gradients and runs the G thoughts against its repeated
-  cache; full-vocabulary logits are only formed where a token is scored.
+  cache (policy_update: a chunk of contexts at a time, to bound activation memory);
+- log-probabilities as logit - logsumexp in chunks (token_logprobs): no [N, S, V] log_softmax.
 The naive path re-encodes prefix + thought for every scoring and runs one EMA forward per context.
-Both give the same numbers to floating-point tolerance (tests/test_fast_naive.py).
+Both give the same numbers to floating-point tolerance (tests/test_rollout.py).
 
 Layout: context b has rollouts b*G ... b*G+G-1 (rollout index = b*G + g).
 """
@@ -45,7 +49,16 @@ class Rollouts:
     s_pred: torch.Tensor | None = None  # [N, H] log p_theta(x_{t+k} | x_<t, c, x_t..x_{t+k-1})
     prediction_ids: list[list[int]] = field(default_factory=list)  # rpt: the tokens written after </think>
     prediction_first_prob: torch.Tensor | None = None  # [N] prob of the first prediction token under the policy
-    forward_tokens: int = 0  # token slots processed (padding included), for the FLOP estimate
+    forward_tokens: int = 0  # token slots computed (padding included where it was computed), for the FLOP estimate
+
+    def select(self, rows: slice) -> "Rollouts":
+        """The rollouts in `rows`, cut to the longest of them (for the update's chunks)."""
+        width = max(1, int(self.seq_mask[rows].sum(1).max()))
+        return Rollouts(seq=self.seq[rows, :width], seq_mask=self.seq_mask[rows, :width],
+                        action_mask=self.action_mask[rows, :width], thought_lengths=self.thought_lengths[rows],
+                        closed=self.closed[rows], sample_logp=self.sample_logp[rows, :width],
+                        s_pred=None if self.s_pred is None else self.s_pred[rows],
+                        prediction_ids=self.prediction_ids[rows])
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,12 +81,78 @@ def _right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
     return ids.to(device), mask.to(device)
 
 
+def _plain_dynamic_cache(cache) -> bool:
+    """A cache made only of transformers' plain DynamicLayers, whose keys/values we may reshape by hand."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def _is_left_padded(mask: torch.Tensor) -> bool:
+    """Every row is padding followed only by real tokens."""
+    return bool((mask[:, 1:] >= mask[:, :-1]).all())
+
+
 def _positions(mask: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
     """Position ids that advance only over real tokens; masked slots reuse their neighbour's id."""
     pos = mask.long().cumsum(-1) - 1
     if start is not None:
         pos = pos + start.unsqueeze(-1)
     return pos.clamp(min=0)
+
+
+def _append_in_place(layer, key_states, value_states, *args, **kwargs):
+    """DynamicLayer.update for a layer given spare room by Cursor.reserve: write the new positions into it."""
+    start, stop = layer.keys.shape[-2], layer.keys.shape[-2] + key_states.shape[-2]
+    if stop > layer._room_keys.shape[-2]:  # out of room: back to concatenation
+        del layer.update
+        return layer.update(key_states, value_states, *args, **kwargs)
+    layer._room_keys[..., start:stop, :] = key_states
+    layer._room_values[..., start:stop, :] = value_states
+    layer.keys, layer.values = layer._room_keys[..., :stop, :], layer._room_values[..., :stop, :]
+    return layer.keys, layer.values
+
+
+UNPADDED_PREFILL: bool | None = None  # None: decide by cost (_unpadded_prefill_pays); True/False: force (tests)
+
+
+def _unpadded_prefill_pays(model, mask: torch.Tensor) -> bool:
+    """Whether forwarding left-padded prompts one by one beats one padded batch.
+
+    On a CPU every padded slot costs as much as a real token (about half the prompt slots at the
+    reference setting), while an extra forward call costs a few ms of Python; on a GPU a small
+    batch is latency-bound, so padding is free and extra calls are not.
+    """
+    if UNPADDED_PREFILL is not None:
+        return UNPADDED_PREFILL and mask.shape[0] > 1
+    if mask.shape[0] == 1 or mask.device.type != "cpu":
+        return False
+    padded_slots = mask.numel() - int(mask.sum())
+    padding_seconds = padded_slots * 2 * sum(p.numel() for p in model.parameters()) / 3e10  # ~30 GFLOP/s a core
+    return padding_seconds > 3e-3 * (mask.shape[0] - 1)  # ~3 ms per extra call
+
+
+def _prefill_unpadded(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The last logits [B, 1, V] and cache of left-padded prompts, each forwarded without its padding.
+
+    The per-prompt caches are left-padded with zeros into one batch cache: the attention mask hides
+    those slots, so the result equals the padded forward's (and gradients flow through pad and cat).
+    """
+    width = ids.shape[1]
+    rows = []
+    for i in range(ids.shape[0]):
+        start = width - int(mask[i].sum())
+        row_mask = mask[i:i + 1, start:]
+        rows.append(forward(model, ids[i:i + 1, start:], row_mask, _positions(row_mask), None, logits_to_keep=1))
+        if i == 0 and not _plain_dynamic_cache(rows[0][1]):
+            return None  # sliding-window or other layers: padding them by hand is not safe
+    cache = rows[0][1]
+    for k, layer in enumerate(cache.layers):
+        for name in ("keys", "values"):
+            parts = [getattr(c.layers[k], name) for _, c in rows]
+            setattr(layer, name, torch.cat([F.pad(t, (0, 0, width - t.shape[-2], 0)) for t in parts], dim=0))
+    return torch.cat([logits[:, -1:] for logits, _ in rows], dim=0), cache
 
 
 class Cursor:
@@ -83,8 +162,14 @@ class Cursor:
         self.model = model
         self.mask = mask
         self.next_pos = mask.sum(-1)
-        self.logits, self.cache = forward(model, ids, mask, _positions(mask), cache, logits_to_keep=logits_to_keep)
-        self.tokens = ids.numel()
+        unpadded = None
+        if cache is None and logits_to_keep == 1 and _is_left_padded(mask) and _unpadded_prefill_pays(model, mask):
+            unpadded = _prefill_unpadded(model, ids, mask)
+        if unpadded is not None:
+            (self.logits, self.cache), self.tokens = unpadded, int(mask.sum())
+        else:
+            self.logits, self.cache = forward(model, ids, mask, _positions(mask), cache, logits_to_keep=logits_to_keep)
+            self.tokens = ids.numel()
 
     def repeat(self, g: int) -> None:
         """Each row becomes g rows sharing its prefix (the cache is repeated, not recomputed)."""
@@ -93,18 +178,125 @@ class Cursor:
         self.next_pos = self.next_pos.repeat_interleave(g, 0)
         self.logits = self.logits.repeat_interleave(g, 0)
 
+    @torch.no_grad()
+    def reserve(self, extra_tokens: int) -> None:
+        """Make room for `extra_tokens` more positions in the cache, so decoding appends in place.
+
+        Transformers' DynamicLayer re-concatenates the whole cache at every step (for SmolLM2 with 32 rows:
+        ~6% of decoding CPU time, and more wall time when other processes compete for memory bandwidth).
+        Only for no-grad decoding (writing into a buffer that autograd saved would be an in-place error);
+        caches of another kind are left as they are.
+        """
+        if not _plain_dynamic_cache(self.cache):
+            return
+        for layer in self.cache.layers:
+            length = layer.keys.shape[-2]
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                room = old.new_empty(old.shape[:-2] + (length + extra_tokens, old.shape[-1]))
+                room[..., :length, :] = old
+                setattr(layer, "_room_" + name, room)
+                setattr(layer, name, room[..., :length, :])
+            layer.update = _append_in_place.__get__(layer)
+
     def feed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Append a block [N, k] (mask 0 = a slot this row skips); return its logits [N, k, V]."""
         pos = _positions(mask, self.next_pos)
         self.mask = torch.cat([self.mask, mask.long()], dim=1)
-        self.logits, self.cache = forward(self.model, ids, self.mask, pos, self.cache)
+        attention = self.mask
+        if ids.shape[1] == 1 and getattr(self.model.config, "_attn_implementation", None) == "sdpa":
+            # One new token sees every real slot: pass SDPA's 4D mask directly and skip transformers'
+            # mask construction (12% of a decoding call of the tiny model). Every row keeps at least
+            # its prompt visible, so no query row is fully masked.
+            attention = self.mask.bool()[:, None, None, :]
+        self.logits, self.cache = forward(self.model, ids, attention, pos, self.cache)
         self.next_pos = self.next_pos + mask.long().sum(-1)
         self.tokens += ids.numel()
         return self.logits
 
 
+CHUNK_ELEMENTS = 1 << 22  # vocabulary-wide temporaries are formed for this many logits at a time (16 MB)
+
+
+class _TokenLogProb(torch.autograd.Function):
+    """log softmax(logits / T)[token] and the entropy of softmax(logits / T), without a full log_softmax.
+
+    logp = z[token] - logsumexp(z) with z = logits / T, computed over chunks of rows. Only the logits
+    are saved for backward (no [N, S, V] log_softmax output, no temperature-scaled copy): with a 49k
+    vocabulary each such copy of a batch of thoughts is hundreds of MB. The entropy is a metric and
+    carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature):
+        vocab = logits.shape[-1]
+        flat, flat_tokens = logits.reshape(-1, vocab), tokens.reshape(-1, 1)
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits are scored in float32
+        logp = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
+        entropy = torch.empty_like(logp)
+        step = max(1, CHUNK_ELEMENTS // vocab)
+        for a in range(0, flat.shape[0], step):
+            z = flat[a:a + step].to(dtype) / temperature
+            lse = torch.logsumexp(z, dim=-1)
+            logp[a:a + step] = z.gather(-1, flat_tokens[a:a + step]).squeeze(-1) - lse
+            # H = -sum p log p = lse - sum p z
+            entropy[a:a + step] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+        ctx.save_for_backward(logits, tokens)
+        ctx.temperature = temperature
+        logp, entropy = logp.view(tokens.shape), entropy.view(tokens.shape)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, tokens = ctx.saved_tensors
+        t, vocab = ctx.temperature, logits.shape[-1]
+        flat, flat_tokens = logits.reshape(-1, vocab), tokens.reshape(-1, 1)
+        flat_grad = grad_logp.reshape(-1, 1)
+        grad_logits = torch.empty(flat.shape, dtype=logits.dtype, device=logits.device)
+        step = max(1, CHUNK_ELEMENTS // vocab)
+        for a in range(0, flat.shape[0], step):
+            g = flat_grad[a:a + step]
+            # d logp / d z = onehot(token) - softmax(z); d z / d logits = 1 / T
+            chunk = torch.softmax(flat[a:a + step].to(g.dtype) / t, dim=-1).mul_(-g)
+            chunk.scatter_add_(-1, flat_tokens[a:a + step], g)
+            grad_logits[a:a + step] = chunk.div_(t)
+        return grad_logits.view(logits.shape), None, None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
+    """(log p(token), entropy) under softmax(logits / T), both [...] for logits [..., V]; logp has a gradient."""
+    return _TokenLogProb.apply(logits, tokens, temperature)
+
+
 def _token_logp(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return token_logprobs(logits, tokens, temperature)[0]
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(logits / T) by inverse-CDF sampling, and its log-prob. [N, V] -> [N], [N].
+
+    torch.multinomial took 4x as long as the whole log_softmax on a 49k vocabulary on CPU. A float32
+    cumsum changes any token's probability by at most ~1 ulp of 1 (6e-8), far below sampling noise.
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    cdf = logp.exp().cumsum(-1)
+    u = torch.rand((logp.shape[0], 1), generator=generator, device=logp.device) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logp.shape[-1] - 1)
+    return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+
+
+def _compact(tokens: torch.Tensor, keep: torch.Tensor, actions: torch.Tensor, logps: torch.Tensor, pad_id: int):
+    """Move each row's kept slots to its front, in order, right-padded: (tokens, mask, action mask, logps)."""
+    n, k = tokens.shape
+    target = torch.where(keep, keep.long().cumsum(1) - 1, k)  # dropped slots land in a spare last column
+    width = max(1, int(keep.sum(1).max()))
+
+    def put(values, fill):
+        out = torch.full((n, k + 1), fill, dtype=values.dtype, device=values.device)
+        return out.scatter_(1, target, values)[:, :width].contiguous()
+
+    return put(tokens, pad_id), put(keep.long(), 0), put(actions.long(), 0), put(logps, 0.0)
 
 
 @torch.no_grad()
@@ -121,6 +313,8 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
     ids, mask = _left_pad([c.prompt for c in contexts], pad_id, device)
     cur = Cursor(model, ids, mask, logits_to_keep=1)
     cur.repeat(g)
+    # room for the thought, the pending token, </think> and the scored or written tokens after it
+    cur.reserve(max_thought_tokens + 2 + max(len(contexts[0].targets), prediction_tokens))
     n = ids.shape[0] * g
     logits = cur.logits[:, -1]
 
@@ -128,11 +322,10 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
     closed = torch.zeros(n, dtype=torch.bool, device=device)
     thought, thought_logp, thought_mask = [], [], []
     for u in range(max_thought_tokens):
-        scaled = torch.log_softmax(logits.float() / temperature, dim=-1)
-        tok = torch.multinomial(scaled.exp(), 1, generator=generator).squeeze(-1)
+        tok, lp = _sample(logits, temperature, generator)
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         thought.append(tok)
-        thought_logp.append(torch.where(alive, scaled.gather(-1, tok.unsqueeze(-1)).squeeze(-1), 0.0))
+        thought_logp.append(torch.where(alive, lp, 0.0))
         thought_mask.append(alive.clone())
         closed |= alive & (tok == close_id)
         alive &= tok != close_id
@@ -168,10 +361,8 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
         writing = torch.ones(n, dtype=torch.bool, device=device)
         toks, logps, masks = [], [], []
         for k in range(prediction_tokens):
-            scaled = torch.log_softmax(logits.float() / temperature, dim=-1)
-            tok = torch.multinomial(scaled.exp(), 1, generator=generator).squeeze(-1)
+            tok, lp = _sample(logits, temperature, generator)
             tok = torch.where(writing, tok, torch.full_like(tok, pad_id))
-            lp = scaled.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
             if k == 0:
                 pred_first_prob = lp.exp()
             toks.append(tok)
@@ -183,34 +374,18 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
                 break
             logits = cur.feed(tok.unsqueeze(-1), writing.unsqueeze(-1))[:, -1]
         pred_t, pred_logp_t, pred_m = torch.stack(toks, 1), torch.stack(logps, 1), torch.stack(masks, 1)
-        for i in range(n):
-            prediction_ids[i] = [t for t, m in zip(pred_t[i].tolist(), pred_m[i].tolist())
-                                 if m and t != eos_id]
+        prediction_ids = [[t for t, m in zip(row, row_mask) if m and t != eos_id]
+                          for row, row_mask in zip(pred_t.tolist(), pred_m.tolist())]
 
     # Compact each rollout into [thought tokens, (</think> if forced), prediction tokens], right-padded.
-    rows, action_rows, logp_rows = [], [], []
     thought_lengths = thought_m.sum(1)
-    thought_logp_t = torch.stack(thought_logp, 1)
-    for i in range(n):
-        length = int(thought_lengths[i])
-        row = thought_t[i, :length].tolist()
-        acts = [1] * length
-        lps = thought_logp_t[i, :length].tolist()
-        if prediction_tokens > 0:
-            if not bool(closed[i]):
-                row, acts, lps = row + [close_id], acts + [0], lps + [0.0]
-            k = int(pred_m[i].sum())
-            row += pred_t[i, :k].tolist()
-            acts += [1] * k
-            lps += pred_logp_t[i, :k].tolist()
-        rows.append(row)
-        action_rows.append(acts)
-        logp_rows.append(lps)
-    seq, seq_mask = _right_pad(rows, pad_id, device)
-    action_mask, _ = _right_pad(action_rows, 0, device)
-    sample_logp = torch.zeros(seq.shape, device=device)
-    for i, lps in enumerate(logp_rows):
-        sample_logp[i, :len(lps)] = torch.tensor(lps, device=device)
+    pieces = [(thought_t, thought_m, thought_m, torch.stack(thought_logp, 1))]
+    if prediction_tokens > 0:
+        forced = ~closed.unsqueeze(1)
+        pieces += [(closing.unsqueeze(1), forced, torch.zeros_like(forced), torch.zeros(n, 1, device=device)),
+                   (pred_t, pred_m, pred_m, pred_logp_t)]
+    seq, seq_mask, action_mask, sample_logp = _compact(*(torch.cat(parts, 1) for parts in zip(*pieces)),
+                                                       pad_id=pad_id)
     return Rollouts(seq=seq, seq_mask=seq_mask, action_mask=action_mask, thought_lengths=thought_lengths,
                     closed=closed, sample_logp=sample_logp, s_pred=s_pred, prediction_ids=prediction_ids,
                     prediction_first_prob=pred_first_prob, forward_tokens=cur.tokens)
@@ -234,23 +409,71 @@ def policy_logprobs(model, contexts: list[Context], rollouts: Rollouts, num_roll
         ids, mask = _left_pad([c.prompt for c in contexts], pad_id, device)
         cur = Cursor(model, ids, mask, logits_to_keep=1)
         cur.repeat(num_rollouts)
-        first = cur.logits[:, -1:]
-        rest = cur.feed(seq[:, :-1], seq_mask[:, :-1]) if seq.shape[1] > 1 else first[:, :0]
-        logits = torch.cat([first, rest], dim=1)
+        # The prompt's last logits predict seq[:, 0]; the thought's own logits predict the rest. Scored
+        # apart, so the [N, S, V] logits are never concatenated into a second copy.
+        first = token_logprobs(cur.logits[:, -1:], seq[:, :1], temperature)
+        parts = [first]
+        if seq.shape[1] > 1:
+            parts.append(token_logprobs(cur.feed(seq[:, :-1], seq_mask[:, :-1]), seq[:, 1:], temperature))
         tokens = cur.tokens
+        logp, entropy = (torch.cat(p, dim=1) for p in zip(*parts))
+        return logp, entropy, tokens
     else:
         prompts = [c.prompt for c in contexts for _ in range(num_rollouts)]
         rows = [p + seq[i, :int(seq_mask[i].sum())].tolist() for i, p in enumerate(prompts)]
         ids, mask = _right_pad(rows, pad_id, device)
         out, _ = forward(model, ids, mask, _positions(mask))
         width = seq.shape[1]
+        out = F.pad(out, (0, 0, 0, width))  # a long prompt with a short thought may end before its slice does
         logits = torch.stack([out[i, len(p) - 1:len(p) - 1 + width] for i, p in enumerate(prompts)])
-        tokens = ids.numel()
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, seq.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy, tokens
+        logp, entropy = token_logprobs(logits, seq, temperature)
+        return logp, entropy, ids.numel()
+
+
+ACTIVATION_BUDGET_BYTES = {"cpu": 512 * 2**20}  # per update chunk; other devices: a quarter of their memory
+
+
+def _contexts_per_chunk(model, contexts: list[Context], rollouts: Rollouts, num_rollouts: int) -> int:
+    """How many contexts' forward+backward fit the activation budget at once.
+
+    Saved activations are about 34 floats per hidden unit per layer per token (measured on SmolLM2,
+    GQA attention over a repeated prefix included), plus the logits and their gradient.
+    """
+    cfg, device = model.config, rollouts.seq.device
+    per_token = 4 * (34 * cfg.hidden_size * cfg.num_hidden_layers + 2 * cfg.vocab_size)
+    tokens = num_rollouts * rollouts.seq.shape[1] + max(len(c.prompt) for c in contexts)
+    budget = ACTIVATION_BUDGET_BYTES.get(device.type)
+    if budget is None:
+        budget = torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda" else 2**31
+    return max(1, budget // (per_token * tokens))
+
+
+def policy_update(model, contexts: list[Context], rollouts: Rollouts, num_rollouts: int, temperature: float,
+                  pad_id: int, chunk_loss, fast: bool = True, contexts_per_chunk: int | None = None):
+    """The update's forward and backward, a few contexts at a time, so one chunk's activations live at once.
+
+    chunk_loss(rows, logp) -> the chunk's share of the batch loss, where rows is a slice of the N rollouts
+    and logp [rows, S] their log-probs (with gradient); a mean over thoughts is shared as
+    (mean over the chunk's thoughts) * chunk_rows / N. backward() runs on each share, so the
+    parameters' .grad accumulate exactly the gradient of the whole-batch loss (the caller zeroes
+    them first). On a CPU a chunk is one context: its prompt is forwarded without padding, and
+    SmolLM2's activations at the reference setting take about 1 GB at a time instead of about 3 GB.
+    Returns (logp detached [N, S], entropy [N, S], token slots, loss = sum of the shares, detached).
+    """
+    g, (n, width) = num_rollouts, rollouts.seq.shape
+    per = contexts_per_chunk or _contexts_per_chunk(model, contexts, rollouts, g)
+    logp = torch.zeros(n, width, device=rollouts.seq.device)
+    entropy = torch.zeros_like(logp)
+    tokens, loss = 0, torch.zeros((), device=rollouts.seq.device)
+    for first in range(0, len(contexts), per):
+        rows = slice(first * g, min(len(contexts), first + per) * g)
+        part = rollouts.select(rows)
+        lp, ent, t = policy_logprobs(model, contexts[first:first + per], part, g, temperature, pad_id, fast)
+        share = chunk_loss(rows, F.pad(lp, (0, width - lp.shape[1])))
+        share.backward()
+        logp[rows, :lp.shape[1]], entropy[rows, :lp.shape[1]] = lp.detach(), ent
+        tokens, loss = tokens + t, loss + share.detach()
+    return logp, entropy, tokens, loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,6 +494,39 @@ def window_logprobs(model, windows: list[list[int]], pad_id: int) -> tuple[list[
         lp = _token_logp(logits[i, :len(w) - 1], ids[i, 1:len(w)])
         out.append(F.pad(lp, (1, 0)))
     return out, ids.numel()
+
+
+@torch.no_grad()
+def context_logprobs(model, windows: list[list[int]], contexts: list[Context], pad_id: int) -> tuple[torch.Tensor, int]:
+    """S_ema of the given contexts when they are chosen before scoring (any position rule but `surprise`). [B, H].
+
+    One forward per document, cut after its last scored target, with logits only where a target is
+    scored: window_logprobs forms [D, T, V] logits to use a handful of them. Documents go one by one
+    where padding would cost more than the extra calls (CPU), else as one right-padded batch.
+    """
+    device = next(model.parameters()).device
+    horizon = len(contexts[0].targets)
+    docs = sorted({c.doc_index for c in contexts})
+    rows = [windows[d][:max(c.position for c in contexts if c.doc_index == d) + horizon] for d in docs]
+    _, mask = _right_pad(rows, pad_id, "cpu")
+    groups = [[i] for i in range(len(docs))] if _unpadded_prefill_pays(model, mask) else [list(range(len(docs)))]
+    out = torch.empty(len(contexts), horizon, device=device)
+    tokens = 0
+    for group in groups:
+        ids, mask = _right_pad([rows[i] for i in group], pad_id, device)
+        members = [(k, c, group.index(docs.index(c.doc_index))) for k, c in enumerate(contexts)
+                   if docs.index(c.doc_index) in group]
+        # the logits at t-1 score x_t; x_0 has no context and scores 0, as in window_logprobs
+        keep = sorted({c.position - 1 + h for _, c, _ in members for h in range(horizon) if c.position + h > 0})
+        logits, _ = forward(model, ids, mask, _positions(mask), logits_to_keep=torch.tensor(keep, device=device))
+        column = {t: j for j, t in enumerate(keep)}
+        for k, c, r in members:
+            cols = [column.get(c.position - 1 + h, 0) for h in range(horizon)]
+            out[k] = _token_logp(logits[r, cols], torch.tensor(c.targets, device=device))
+            if c.position == 0:
+                out[k, 0] = 0.0
+        tokens += ids.numel()
+    return out, tokens
 
 
 @torch.no_grad()

@@ -29,8 +29,8 @@ from rlp_cli.data import WindowStream, load_documents, select_positions, split_d
 from rlp_cli.errors import UserError
 from rlp_cli.models import configure_threads, forward, load_model, resolve_device
 from rlp_cli.rewards import RewardInputs, get_reward
-from rlp_cli.rollout import (Context, naive_context_logprobs, naive_s_pred, policy_logprobs, sample_thoughts,
-                             window_logprobs)
+from rlp_cli.rollout import (Context, context_logprobs, naive_context_logprobs, naive_s_pred, policy_logprobs,
+                             policy_update, sample_thoughts, window_logprobs)
 
 CONTINUATION_TOKENS = 32  # how much of the true text the rpt rewards may match against
 
@@ -196,13 +196,21 @@ class Trainer:
         # Lazy EMA init: phi <- theta on the first batch.
         if self.needs_ema and self.teacher is None:
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-        # S_ema for every position of every window, one teacher-forced forward each (fast path).
-        ema_lp = None
-        if self.teacher is not None and (fast or cfg.data.positions == "surprise"):
+        # S_ema: the `surprise` rule needs it at every position to choose them (one forward per window);
+        # any other rule chooses first, and only the chosen positions are scored (fast path).
+        ema_lp, s_ema, h = None, None, obj.horizon
+        if self.teacher is not None and cfg.data.positions == "surprise":
             with phase("ema_scoring"):
                 ema_lp, n = window_logprobs(self.teacher, windows, self.pad_id)
             flop_tokens["forward"] += n
         contexts = self.contexts_for(windows, ema_lp)
+        if "s_ema" in needs and fast:
+            if ema_lp is not None:
+                s_ema = torch.stack([ema_lp[c.doc_index][c.position:c.position + h] for c in contexts])
+            else:
+                with phase("ema_scoring"):
+                    s_ema, n = context_logprobs(self.teacher, windows, contexts, self.pad_id)
+                flop_tokens["forward"] += n
 
         # theta_old = theta: one update per batch, so the behaviour policy is the current weights.
         self.model.eval()
@@ -218,8 +226,9 @@ class Trainer:
         # Rewards (constants).
         inputs = RewardInputs(num_rollouts=g, gamma=obj.gamma,
                               target_ids=torch.tensor([c.targets for c in contexts]).repeat_interleave(g, 0),
-                              continuation_tokens=[self.token_strings(c.continuation) for c in contexts
-                                                   for _ in range(g)])
+                              continuation_tokens=[strings for c in contexts
+                                                   for strings in [self.token_strings(c.continuation)] * g]
+                              if "prediction" in needs else [])
         if "s_pred" in needs:
             if fast:
                 inputs.s_pred = rollouts.s_pred
@@ -229,8 +238,7 @@ class Trainer:
                 flop_tokens["forward"] += n
         if "s_ema" in needs:
             if fast:
-                h = obj.horizon
-                inputs.s_ema = torch.stack([ema_lp[c.doc_index][c.position:c.position + h] for c in contexts])
+                inputs.s_ema = s_ema
             else:
                 with phase("ema_scoring"):
                     inputs.s_ema, n = naive_context_logprobs(self.teacher, windows, contexts, self.pad_id)
@@ -245,21 +253,31 @@ class Trainer:
         # Group-relative advantages (eq. 7) and the clipped surrogate over sampled tokens (eq. 8).
         advantages = O.group_advantages(rewards.view(-1, g)).view(-1)
         with phase("update"):
-            logp, entropy, n = policy_logprobs(self.model, contexts, rollouts, g, obj.temperature, self.pad_id, fast)
-            flop_tokens["train"] += n
-            logp_old = logp.detach()  # one update per batch: pi_theta_old is this same forward, detached
-            mask = rollouts.action_mask
-            loss = O.clipped_surrogate(logp, logp_old, advantages, mask, obj.clip_eps_low, obj.clip_eps_high)
-            kl = torch.zeros(())
+            mask, logp_ref, kl_shares = rollouts.action_mask, None, []
             if self.reference is not None:
                 with torch.no_grad():
                     logp_ref, _, n = policy_logprobs(self.reference, contexts, rollouts, g, obj.temperature,
                                                      self.pad_id, fast)
                 flop_tokens["forward"] += n
-                kl = O.kl_penalty(logp, logp_ref, mask)
-                loss = loss + obj.kl_beta * kl
+
+            def chunk_loss(rows: slice, logp: torch.Tensor) -> torch.Tensor:
+                # The loss is a mean over thoughts: a chunk of them contributes its mean times its share.
+                # One update per batch: pi_theta_old is this same forward, detached.
+                share = (rows.stop - rows.start) / len(advantages)
+                loss = O.clipped_surrogate(logp, logp.detach(), advantages[rows], mask[rows], obj.clip_eps_low,
+                                           obj.clip_eps_high)
+                if logp_ref is not None:
+                    kl = O.kl_penalty(logp, logp_ref[rows], mask[rows])
+                    kl_shares.append(kl.detach() * share)
+                    loss = loss + obj.kl_beta * kl
+                return loss * share
+
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # forward + backward a chunk of contexts at a time (on a CPU one: no prompt padding, ~1/4 the memory)
+            logp_old, entropy, n, loss = policy_update(self.model, contexts, rollouts, g, obj.temperature,
+                                                       self.pad_id, chunk_loss, fast)
+            flop_tokens["train"] += n
+            kl = sum(kl_shares) if kl_shares else torch.zeros(())
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.optimizer.step()
         if self.teacher is not None:

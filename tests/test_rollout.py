@@ -177,3 +177,101 @@ def test_rpt_rollouts_write_a_prediction_after_think(tiny):
         # the forced </think> is not an action; sampled prediction tokens are
         assert ro.action_mask[i, k + 1:len(row)].all()
     assert ro.prediction_first_prob is not None and (ro.prediction_first_prob > 0).all()
+
+
+def test_token_logprobs_match_log_softmax_with_exact_gradients(monkeypatch):
+    """The chunked log-prob of the chosen token (no full log_softmax kept) against the plain formula."""
+    import rlp_cli.rollout as R
+
+    monkeypatch.setattr(R, "CHUNK_ELEMENTS", 3 * 11)  # several chunks of 3 rows
+    logits = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 11, (2, 5))
+    logp, entropy = R.token_logprobs(logits, tokens, 0.7)
+    ref = torch.log_softmax(logits / 0.7, dim=-1)
+    assert torch.allclose(logp, ref.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+    assert torch.allclose(entropy, -(ref.exp() * ref).sum(-1))
+    assert not entropy.requires_grad
+    assert torch.autograd.gradcheck(lambda x: R.token_logprobs(x, tokens, 0.7)[0], (logits,))
+
+
+def test_sampler_draws_from_the_softmax():
+    """Inverse-CDF sampling: empirical frequencies match softmax(logits / T); the log-prob is of the drawn token."""
+    from rlp_cli.rollout import _sample
+
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0, -30.0]]).expand(40000, 5)
+    tok, lp = _sample(logits, 0.7, torch.Generator().manual_seed(0))
+    p = torch.softmax(logits[0] / 0.7, -1)
+    freq = torch.bincount(tok, minlength=5).double() / len(tok)
+    assert torch.allclose(freq, p.double(), atol=4 * (0.25 / len(tok)) ** 0.5)
+    assert torch.allclose(lp, torch.log(p)[tok], atol=1e-6)
+
+
+def test_prompts_forwarded_without_padding_give_the_same_numbers(tiny, monkeypatch):
+    """The CPU path that prefills each prompt unpadded and pads its cache: same S_pred, log-probs, gradients."""
+    import rlp_cli.rollout as R
+
+    windows, contexts = _contexts(tiny, horizon=2)
+    monkeypatch.setattr(R, "UNPADDED_PREFILL", False)
+    padded = _sample(tiny, contexts, seed=4)
+    monkeypatch.setattr(R, "UNPADDED_PREFILL", True)
+    unpadded = _sample(tiny, contexts, seed=4)
+    assert torch.equal(padded.seq, unpadded.seq)  # same draws: the logits agree to float noise
+    assert torch.allclose(padded.s_pred, unpadded.s_pred, atol=1e-5)
+    naive, _ = naive_s_pred(tiny.model, contexts, unpadded, G, tiny.think_close_id, tiny.tokenizer.pad_token_id)
+    assert torch.allclose(unpadded.s_pred, naive, atol=1e-5)
+    assert unpadded.forward_tokens < padded.forward_tokens  # the padding was not computed
+    grads = {}
+    for force in (True, False):
+        monkeypatch.setattr(R, "UNPADDED_PREFILL", force)
+        model = copy.deepcopy(tiny.model)
+        lp, _, _ = policy_logprobs(model, contexts, unpadded, G, 1.0, tiny.tokenizer.pad_token_id, fast=True)
+        m = unpadded.action_mask.bool()
+        (lp[m] * torch.linspace(-1, 1, int(m.sum()))).sum().backward()
+        grads[force] = (lp.detach()[m], {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert torch.allclose(grads[True][0], grads[False][0], atol=1e-5)
+    for name in grads[True][1]:
+        assert torch.allclose(grads[True][1][name], grads[False][1][name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_update_in_chunks_of_contexts_accumulates_the_whole_batch_gradient(tiny, fast):
+    from rlp_cli.objective import clipped_surrogate
+    from rlp_cli.rollout import policy_update
+
+    windows, contexts = _contexts(tiny)
+    ro = _sample(tiny, contexts, seed=5, max_thought_tokens=8)
+    n, pad = ro.seq.shape[0], tiny.tokenizer.pad_token_id
+    adv = torch.linspace(-1, 1, n)
+    whole = copy.deepcopy(tiny.model)
+    lp, ent, _ = policy_logprobs(whole, contexts, ro, G, 0.7, pad, fast=fast)
+    loss = clipped_surrogate(lp, lp.detach(), adv, ro.action_mask, 0.2, 0.2)
+    loss.backward()
+    chunked = copy.deepcopy(tiny.model)
+
+    def share(rows, logp):
+        part = clipped_surrogate(logp, logp.detach(), adv[rows], ro.action_mask[rows], 0.2, 0.2)
+        return part * (rows.stop - rows.start) / n
+
+    lp_c, ent_c, _, loss_c = policy_update(chunked, contexts, ro, G, 0.7, pad, share, fast=fast, contexts_per_chunk=1)
+    m = ro.action_mask.bool()
+    assert torch.allclose(lp_c[m], lp.detach()[m], atol=1e-5)
+    assert torch.allclose(ent_c[m], ent[m], atol=1e-5)
+    assert loss_c.item() == pytest.approx(loss.item(), abs=1e-6)
+    for (name, p), q in zip(whole.named_parameters(), chunked.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("unpadded", [True, False])
+def test_ema_scores_of_chosen_contexts_equal_per_context_forwards(tiny, monkeypatch, unpadded):
+    import rlp_cli.rollout as R
+
+    monkeypatch.setattr(R, "UNPADDED_PREFILL", unpadded)
+    windows, contexts = _contexts(tiny, horizon=2)
+    w = windows[0]
+    contexts.append(Context(prompt=w[:4] + [tiny.think_open_id], targets=w[4:6], continuation=w[4:12],
+                            doc_index=0, position=4))  # two positions in one document
+    fast, slots = R.context_logprobs(tiny.model, windows, contexts, tiny.tokenizer.pad_token_id)
+    naive, _ = naive_context_logprobs(tiny.model, windows, contexts, tiny.tokenizer.pad_token_id)
+    assert fast.shape == (3, 2)
+    assert torch.allclose(fast, naive, atol=1e-5)
+    assert slots < sum(len(x) for x in windows) or not unpadded  # cut after the last scored token
