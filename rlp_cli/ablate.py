@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
 from rlp_cli import runio
-from rlp_cli.config import BUILTIN_CONFIG_DIR, TrainConfig, apply_overrides, parse_override, read_yaml, \
+from rlp_cli.config import BUILTIN_CONFIG_DIR, TrainConfig, apply_overrides, flatten, parse_override, read_yaml, \
     set_dotted, validation_message
 from rlp_cli.errors import UserError
 
@@ -257,16 +257,6 @@ def run_id(config: TrainConfig) -> str:
     tree = config.to_dict()
     tree.pop("name", None)
     return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (tree or {}).items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def check_setting_key(key: str, where: str) -> None:

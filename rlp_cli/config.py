@@ -187,6 +187,17 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the dotted keys --set and the reports use."""
+    out: dict[str, Any] = {}
+    for k, v in (tree or {}).items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def apply_overrides(tree: dict, overrides: list[str] | None) -> dict:
     for item in overrides or []:
         key, value = parse_override(item)

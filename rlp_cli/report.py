@@ -34,6 +34,7 @@ from typing import Any, Optional
 import yaml
 
 from rlp_cli import runio
+from rlp_cli.config import flatten
 from rlp_cli.errors import UserError
 
 FORMATS = ("md", "csv", "tex", "json")
@@ -140,16 +141,6 @@ def relative_change(value: float, baseline: float) -> float:
 
 # --------------------------------------------------------------------------------------------
 # Reading the results folder
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (tree or {}).items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _read_json_file(path: Path, warnings: list[str], what: str) -> Optional[dict]:
@@ -270,7 +261,7 @@ def read_run(folder: Path, root: Path, warnings: list[str]) -> Optional[dict]:
                            "status": str(status.get("status", "unknown")), "step": status.get("step"),
                            "error": status.get("error"), "seed": config.get("seed"),
                            "total_steps": (config.get("budget") or {}).get("steps"),
-                           "model": (config.get("model") or {}).get("name"), "_config": _flatten(config),
+                           "model": (config.get("model") or {}).get("name"), "_config": flatten(config),
                            "_metrics": metrics, "evaluated": False}
     row.update(training_columns(metrics, status))
     ev = _read_json_file(folder / "eval.json", warnings, "eval file")
@@ -312,7 +303,7 @@ def add_manifest_rows(ab: Ablation, root: Path, warnings: list[str]) -> None:
         if row is None:
             row = {"kind": "run", "folder": os.path.relpath(ab.folder / entry["dir"], root), "name": entry["dir"],
                    "status": "missing", "seed": entry.get("seed"), "evaluated": False, "_metrics": [],
-                   "_config": _flatten(entry.get("config") or {})}
+                   "_config": flatten(entry.get("config") or {})}
             ab.rows.append(row)
         row["arm"] = str(entry.get("arm", row.get("arm")))
         row["_axis_values"] = entry.get("axis_values") or {}

@@ -24,7 +24,7 @@ import torch
 
 from rlp_cli import objective as O
 from rlp_cli import runio
-from rlp_cli.config import TrainConfig
+from rlp_cli.config import TrainConfig, flatten
 from rlp_cli.data import WindowStream, load_documents, select_positions, split_documents, token_windows
 from rlp_cli.errors import UserError
 from rlp_cli.models import configure_threads, forward, load_model, resolve_device
@@ -408,23 +408,12 @@ def _check_run_dir(out: Path, config: TrainConfig) -> str | None:
         previous = yaml.safe_load(cfg_path.read_text())
         current = config.to_dict()
         if previous != current:
-            changed = sorted(k for k in set(_flatten(previous)) | set(_flatten(current))
-                             if _flatten(previous).get(k) != _flatten(current).get(k))
+            before, after = flatten(previous), flatten(current)
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
             raise UserError(f"{out}: this run folder was written by a different config (changed: {', '.join(changed)}); "
                             "resuming would mix two runs. Fix: pass another --out, or delete the folder to start over.")
     status = runio.read_json(out / "status.json", {})
     return status.get("status")
-
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in (tree or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _write_status(out: Path, status: str, **extra) -> None:
