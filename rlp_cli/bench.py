@@ -388,7 +388,7 @@ def run_trl(config: dict, warmup: int, steps: int) -> dict:
                           # like for like with rlp: float32 compute, activations kept (TRL's defaults are
                           # bf16 autocast and gradient checkpointing)
                           bf16=False, fp16=False, gradient_checkpointing=False)
-        trainer = GRPOTrainer(model=_trainable_copy(rlp.model), reward_funcs=info_gain, args=args,
+        trainer = GRPOTrainer(model=copy.deepcopy(rlp.model), reward_funcs=info_gain, args=args,
                               train_dataset=Dataset.from_list(prompts), processing_class=rlp.tok, callbacks=[clock])
         trainer.remove_callback(PrinterCallback)  # its per-step log lines would bury rlp's table
         grpo_holder["trainer"] = trainer
@@ -405,20 +405,6 @@ def run_trl(config: dict, warmup: int, steps: int) -> dict:
             "thought_tokens_per_s": summarize([n / t for n, t in zip(tokens, step_times)]),
             "steps_per_s": summarize([1.0 / t for t in step_times]), "peak_rss_mb": peak_rss_mb(),
             "prompts_per_step": per_step}
-
-
-def _trainable_copy(model):
-    """A copy that Hugging Face's Trainer accepts for full fine-tuning.
-
-    The SmolLM2 cache was de-quantised from GGUF to float32 but its config still names the GGUF
-    quantizer, so transformers marks the model quantized and the Trainer refuses to train it.
-    """
-    model = copy.deepcopy(model)
-    if getattr(model, "hf_quantizer", None) is not None and all(p.is_floating_point() for p in model.parameters()):
-        model.hf_quantizer, model.is_quantized = None, False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    return model
 
 
 def _trl_child(config: dict, warmup: int, steps: int, queue) -> None:
