@@ -135,6 +135,11 @@ def main() -> None:
     except Exception as e:  # click usage errors
         import click
 
+        from rlp_cli.train import NonFiniteError
+
+        if isinstance(e, NonFiniteError):  # a diverged run: not bad input, but no traceback either
+            err_console.print(f"[bold red]failed:[/bold red] {e}", highlight=False, soft_wrap=True)
+            sys.exit(1)
         if isinstance(e, click.ClickException):
             e.show()
             sys.exit(2)

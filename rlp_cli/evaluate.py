@@ -362,6 +362,7 @@ def intrinsic_metrics(model, tok, cfg, settings: SuiteSettings, *, prompt_ids: l
     import torch
 
     from rlp_cli.data import load_documents, split_documents, token_windows
+    from rlp_cli.models import token_classes
     from rlp_cli.rollout import Context, sample_thoughts, window_logprobs
 
     d = cfg.data
@@ -387,15 +388,18 @@ def intrinsic_metrics(model, tok, cfg, settings: SuiteSettings, *, prompt_ids: l
     contexts = []
     for i, w in enumerate(windows[:settings.info_gain_contexts]):
         t = int(rng.integers(d.min_prefix_tokens, len(w)))
+        k = cfg.objective.restate_tokens  # the run's thought format (docs/method.md)
         contexts.append(Context(prompt=prompt_ids + w[:t] + [open_id], targets=[w[t]], continuation=w[t:t + 1],
-                                doc_index=i, position=t))
+                                doc_index=i, position=t, bridge=w[t - k:t] if k else []))
     g = settings.info_gain_rollouts
     gains, s_preds = [], []
     for b in range(0, len(contexts), 8):
         chunk = contexts[b:b + 8]
         rollouts = sample_thoughts(model, chunk, num_rollouts=g, max_thought_tokens=settings.thought_tokens,
                                    temperature=cfg.objective.temperature, close_id=close_id, pad_id=pad_id,
-                                   eos_id=tok.eos_token_id, generator=generator, score_targets=True)
+                                   generator=generator, score_targets=True,
+                                   token_classes=token_classes(tok, open_id, close_id,
+                                                               model.get_output_embeddings().weight.shape[0]))
         s_ema = torch.tensor([float(no_think[c.doc_index][c.position]) for c in chunk]).repeat_interleave(g)
         s_pred = rollouts.s_pred[:, 0].float().cpu()
         gains += (s_pred - s_ema).tolist()

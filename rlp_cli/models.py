@@ -216,6 +216,27 @@ def load_model(name: str, dtype: str = "float32", device: str | torch.device = "
                        source=str(directory))
 
 
+def token_classes(tok, think_open_id: int, think_close_id: int, vocab_size: int | None = None):
+    """The vocabulary classes the sampler needs: tokens a thought may not contain, and word boundaries.
+
+    Banned inside thoughts and predictions: every special token of the tokenizer (EOS, chat-control
+    tokens such as <|im_start|>) except </think>, and <think> itself: a small instruct model otherwise
+    ends the document or opens a chat turn mid-thought.
+    """
+    from rlp_cli.rollout import TokenClasses
+
+    vocab_size = vocab_size or len(tok)  # the model's logits may have more rows than the tokenizer has tokens
+    special = set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
+    banned = sorted((special | {think_open_id}) - {think_close_id})
+    word_start = torch.zeros(vocab_size, dtype=torch.bool)
+    blank = torch.zeros(vocab_size, dtype=torch.bool)
+    for token_id in range(min(vocab_size, len(tok))):
+        text = tok.decode([token_id])
+        word_start[token_id] = text[:1].isspace()
+        blank[token_id] = text.strip() == ""
+    return TokenClasses(banned=torch.tensor(banned, dtype=torch.long), word_start=word_start, blank=blank)
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

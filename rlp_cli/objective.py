@@ -72,10 +72,16 @@ def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -
 
 
 @torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, tau: float) -> None:
-    """In place: teacher <- tau * teacher + (1 - tau) * student, parameters and float buffers."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
+def ema_update(teacher, student, tau: float) -> None:
+    """In place: teacher <- tau * teacher + (1 - tau) * student.
+
+    Modules (parameters and float buffers), or two lists of tensors (the trainer passes its float32
+    master weights, so a bfloat16 model's teacher still moves: a bf16 lerp by 1e-3 rounds to nothing).
+    """
+    def tensors(x):
+        if isinstance(x, torch.nn.Module):
+            return list(x.parameters()) + [b for b in x.buffers() if b.dtype.is_floating_point]
+        return list(x)
+
+    for t, s in zip(tensors(teacher), tensors(student), strict=True):
         t.lerp_(s.detach().to(t.dtype), 1.0 - tau)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        if t.dtype.is_floating_point:
-            t.lerp_(s.detach().to(t.dtype), 1.0 - tau)

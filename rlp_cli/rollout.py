@@ -35,6 +35,9 @@ class Context:
     continuation: list[int]  # x_t .. (the true text the rpt rewards compare against)
     doc_index: int  # which window of the batch it came from
     position: int  # t
+    # Teacher-forced after </think>, before x_t is scored: the last k context tokens restated
+    # (objective.restate_tokens). No reward and no gradient: they only put x_t back in its place.
+    bridge: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -228,7 +231,7 @@ class _TokenLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, tokens, temperature):
+    def forward(ctx, logits, tokens, temperature, banned):
         vocab = logits.shape[-1]
         flat, flat_tokens = logits.reshape(-1, vocab), tokens.reshape(-1, 1)
         dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits are scored in float32
@@ -236,13 +239,14 @@ class _TokenLogProb(torch.autograd.Function):
         entropy = torch.empty_like(logp)
         step = max(1, CHUNK_ELEMENTS // vocab)
         for a in range(0, flat.shape[0], step):
-            z = flat[a:a + step].to(dtype) / temperature
+            z = _scaled(flat[a:a + step], dtype, temperature, banned)
             lse = torch.logsumexp(z, dim=-1)
             logp[a:a + step] = z.gather(-1, flat_tokens[a:a + step]).squeeze(-1) - lse
-            # H = -sum p log p = lse - sum p z
-            entropy[a:a + step] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+            # H = -sum p log p = lse - sum p z (banned slots: p = 0, and 0 * -inf is taken as 0)
+            p = torch.softmax(z, dim=-1)
+            entropy[a:a + step] = lse - (p * z.masked_fill(p == 0, 0.0)).sum(-1)
         ctx.save_for_backward(logits, tokens)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.banned = temperature, banned
         logp, entropy = logp.view(tokens.shape), entropy.view(tokens.shape)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
@@ -258,28 +262,42 @@ class _TokenLogProb(torch.autograd.Function):
         for a in range(0, flat.shape[0], step):
             g = flat_grad[a:a + step]
             # d logp / d z = onehot(token) - softmax(z); d z / d logits = 1 / T
-            chunk = torch.softmax(flat[a:a + step].to(g.dtype) / t, dim=-1).mul_(-g)
+            chunk = torch.softmax(_scaled(flat[a:a + step], g.dtype, t, ctx.banned), dim=-1).mul_(-g)
             chunk.scatter_add_(-1, flat_tokens[a:a + step], g)
             grad_logits[a:a + step] = chunk.div_(t)
-        return grad_logits.view(logits.shape), None, None
+        return grad_logits.view(logits.shape), None, None, None
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
-    """(log p(token), entropy) under softmax(logits / T), both [...] for logits [..., V]; logp has a gradient."""
-    return _TokenLogProb.apply(logits, tokens, temperature)
+def _scaled(logits: torch.Tensor, dtype, temperature: float, banned: torch.Tensor | None) -> torch.Tensor:
+    z = logits.to(dtype) / temperature
+    return z if banned is None else z.index_fill_(-1, banned, float("-inf"))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   banned: torch.Tensor | None = None):
+    """(log p(token), entropy) under softmax(logits / T), both [...] for logits [..., V]; logp has a gradient.
+
+    banned: token ids with probability 0 (the policy's restriction, see _sample)."""
+    return _TokenLogProb.apply(logits, tokens, temperature, banned)
 
 
 def _token_logp(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return token_logprobs(logits, tokens, temperature)[0]
 
 
-def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator,
+            banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from softmax(logits / T) by inverse-CDF sampling, and its log-prob. [N, V] -> [N], [N].
 
+    banned: token ids the policy never emits (EOS, chat-control tokens, <think>): their logits are -inf,
+    here and in token_logprobs, so the sampled and the trained distribution are the same one.
     torch.multinomial took 4x as long as the whole log_softmax on a 49k vocabulary on CPU. A float32
     cumsum changes any token's probability by at most ~1 ulp of 1 (6e-8), far below sampling noise.
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    z = logits.float() / temperature
+    if banned is not None:
+        z = z.index_fill(-1, banned, float("-inf"))
+    logp = torch.log_softmax(z, dim=-1)
     cdf = logp.exp().cumsum(-1)
     u = torch.rand((logp.shape[0], 1), generator=generator, device=logp.device) * cdf[:, -1:]
     tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logp.shape[-1] - 1)
@@ -299,22 +317,42 @@ def _compact(tokens: torch.Tensor, keep: torch.Tensor, actions: torch.Tensor, lo
     return put(tokens, pad_id), put(keep.long(), 0), put(actions.long(), 0), put(logps, 0.0)
 
 
+@dataclass
+class TokenClasses:
+    """What the sampler must know about the vocabulary, built once per tokenizer (models.token_classes)."""
+    banned: torch.Tensor  # ids the policy never emits: EOS, chat-control and other special tokens, <think>
+    word_start: torch.Tensor  # [V] bool: the token's text begins with white space (a new word starts)
+    blank: torch.Tensor  # [V] bool: the token's text is only white space
+
+    def to(self, device) -> "TokenClasses":
+        return TokenClasses(self.banned.to(device), self.word_start.to(device), self.blank.to(device))
+
+
 @torch.no_grad()
 def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_thought_tokens: int,
-                    temperature: float, close_id: int, pad_id: int, eos_id: int | None,
-                    generator: torch.Generator, score_targets: bool, prediction_tokens: int = 0) -> Rollouts:
+                    temperature: float, close_id: int, pad_id: int, generator: torch.Generator,
+                    score_targets: bool, prediction_tokens: int = 0,
+                    token_classes: TokenClasses | None = None) -> Rollouts:
     """Sample G thoughts per context from the current policy (theta_old), then score and/or predict.
 
-    score_targets: feed `</think>` + targets after each thought and keep S_pred (the info-gain reward).
-    prediction_tokens > 0: after `</think>`, let the model write its prediction (the rpt rewards).
+    After each thought comes `</think>` (sampled, or forced at the length limit), then the context's
+    bridge (the restated last k context tokens, teacher-forced), then:
+    score_targets: the targets, teacher-forced, and S_pred = their log-probs (the info-gain reward);
+    prediction_tokens > 0: the model writes its prediction of the next word (the rpt rewards); it
+    stops where a new word would begin, or after prediction_tokens tokens.
     """
     device = next(model.parameters()).device
     g = num_rollouts
+    classes = token_classes.to(device) if token_classes is not None else None
+    banned = classes.banned if classes is not None else None
     ids, mask = _left_pad([c.prompt for c in contexts], pad_id, device)
     cur = Cursor(model, ids, mask, logits_to_keep=1)
     cur.repeat(g)
-    # room for the thought, the pending token, </think> and the scored or written tokens after it
-    cur.reserve(max_thought_tokens + 2 + max(len(contexts[0].targets), prediction_tokens))
+    k_bridge = len(contexts[0].bridge)
+    if any(len(c.bridge) != k_bridge for c in contexts):
+        raise ValueError("every context of a batch must restate the same number of tokens")
+    # room for the thought, the pending token, </think>, the bridge and the scored or written tokens
+    cur.reserve(max_thought_tokens + 2 + k_bridge + max(len(contexts[0].targets), prediction_tokens))
     n = ids.shape[0] * g
     logits = cur.logits[:, -1]
 
@@ -322,7 +360,7 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
     closed = torch.zeros(n, dtype=torch.bool, device=device)
     thought, thought_logp, thought_mask = [], [], []
     for u in range(max_thought_tokens):
-        tok, lp = _sample(logits, temperature, generator)
+        tok, lp = _sample(logits, temperature, generator, banned)
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         thought.append(tok)
         thought_logp.append(torch.where(alive, lp, 0.0))
@@ -337,17 +375,22 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
     # Rows still alive were cut at the length limit: their last sampled token is not in the cache yet.
     pending = torch.where(alive, thought_t[:, -1], torch.full_like(thought_t[:, -1], pad_id))
     closing = torch.full((n,), close_id, dtype=torch.long, device=device)
+    bridge = torch.tensor([c.bridge for c in contexts], dtype=torch.long, device=device).view(len(contexts), k_bridge)
+    bridge = bridge.repeat_interleave(g, 0)  # [N, k]
 
     s_pred = None
-    block, block_mask = [pending, closing], [alive, torch.ones_like(alive)]
+    ones = torch.ones_like(alive)
+    block = [pending, closing] + [bridge[:, j] for j in range(k_bridge)]
+    block_mask = [alive, ones] + [ones] * k_bridge
     horizon = len(contexts[0].targets)
     if score_targets:
         targets = torch.tensor([c.targets for c in contexts], device=device).repeat_interleave(g, 0)  # [N, H]
         block += [targets[:, k] for k in range(horizon - 1)]
-        block_mask += [torch.ones_like(alive)] * (horizon - 1)
+        block_mask += [ones] * (horizon - 1)
     block_logits = cur.feed(torch.stack(block, 1), torch.stack(block_mask, 1).long())
+    first_target = 1 + k_bridge  # the logits after </think> and the bridge predict x_t
     if score_targets:
-        s_pred = _token_logp(block_logits[:, 1:1 + horizon], targets)
+        s_pred = _token_logp(block_logits[:, first_target:first_target + horizon], targets)
 
     prediction_ids: list[list[int]] = [[] for _ in range(n)]
     pred_first_prob = None
@@ -357,32 +400,37 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
     if prediction_tokens > 0:
         if score_targets and horizon > 1:
             raise ValueError("a reward that needs both S_pred with horizon > 1 and a written prediction is not supported")
-        logits = block_logits[:, 1]
+        logits = block_logits[:, first_target]
         writing = torch.ones(n, dtype=torch.bool, device=device)
+        has_word = torch.zeros(n, dtype=torch.bool, device=device)
         toks, logps, masks = [], [], []
         for k in range(prediction_tokens):
-            tok, lp = _sample(logits, temperature, generator)
-            tok = torch.where(writing, tok, torch.full_like(tok, pad_id))
+            tok, lp = _sample(logits, temperature, generator, banned)
             if k == 0:
                 pred_first_prob = lp.exp()
+            if classes is not None:  # a new word begins after a written one: the prediction is complete
+                writing &= ~(has_word & classes.word_start[tok])
+            tok = torch.where(writing, tok, torch.full_like(tok, pad_id))
             toks.append(tok)
             logps.append(torch.where(writing, lp, 0.0))
             masks.append(writing.clone())
-            if eos_id is not None:
-                writing &= tok != eos_id
+            if classes is not None:
+                has_word |= writing & ~classes.blank[tok]
             if k == prediction_tokens - 1 or not writing.any():
                 break
             logits = cur.feed(tok.unsqueeze(-1), writing.unsqueeze(-1))[:, -1]
         pred_t, pred_logp_t, pred_m = torch.stack(toks, 1), torch.stack(logps, 1), torch.stack(masks, 1)
-        prediction_ids = [[t for t, m in zip(row, row_mask) if m and t != eos_id]
+        prediction_ids = [[t for t, m in zip(row, row_mask) if m]
                           for row, row_mask in zip(pred_t.tolist(), pred_m.tolist())]
 
-    # Compact each rollout into [thought tokens, (</think> if forced), prediction tokens], right-padded.
+    # Compact each rollout into [thought tokens, (</think> if forced), bridge, prediction tokens], right-padded.
     thought_lengths = thought_m.sum(1)
     pieces = [(thought_t, thought_m, thought_m, torch.stack(thought_logp, 1))]
     if prediction_tokens > 0:
         forced = ~closed.unsqueeze(1)
+        bridge_m = torch.ones_like(bridge, dtype=torch.bool)
         pieces += [(closing.unsqueeze(1), forced, torch.zeros_like(forced), torch.zeros(n, 1, device=device)),
+                   (bridge, bridge_m, torch.zeros_like(bridge_m), torch.zeros(n, k_bridge, device=device)),
                    (pred_t, pred_m, pred_m, pred_logp_t)]
     seq, seq_mask, action_mask, sample_logp = _compact(*(torch.cat(parts, 1) for parts in zip(*pieces)),
                                                        pad_id=pad_id)
@@ -396,8 +444,9 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
 
 
 def policy_logprobs(model, contexts: list[Context], rollouts: Rollouts, num_rollouts: int, temperature: float,
-                    pad_id: int, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """log pi_theta(seq_u | prompt, seq_<u) for every slot of rollouts.seq, and the per-slot entropy.
+                    pad_id: int, fast: bool = True, banned: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """log pi_theta(seq_u | prompt, seq_<u) for every action slot of rollouts.seq (0 elsewhere), and the entropy.
 
     Fast: each prompt is forwarded once with gradients, its cache repeated G times, and the thought
     tokens run against it (the gradient still flows through the shared prefix). Naive: every
@@ -411,13 +460,12 @@ def policy_logprobs(model, contexts: list[Context], rollouts: Rollouts, num_roll
         cur.repeat(num_rollouts)
         # The prompt's last logits predict seq[:, 0]; the thought's own logits predict the rest. Scored
         # apart, so the [N, S, V] logits are never concatenated into a second copy.
-        first = token_logprobs(cur.logits[:, -1:], seq[:, :1], temperature)
+        first = token_logprobs(cur.logits[:, -1:], seq[:, :1], temperature, banned)
         parts = [first]
         if seq.shape[1] > 1:
-            parts.append(token_logprobs(cur.feed(seq[:, :-1], seq_mask[:, :-1]), seq[:, 1:], temperature))
+            parts.append(token_logprobs(cur.feed(seq[:, :-1], seq_mask[:, :-1]), seq[:, 1:], temperature, banned))
         tokens = cur.tokens
         logp, entropy = (torch.cat(p, dim=1) for p in zip(*parts))
-        return logp, entropy, tokens
     else:
         prompts = [c.prompt for c in contexts for _ in range(num_rollouts)]
         rows = [p + seq[i, :int(seq_mask[i].sum())].tolist() for i, p in enumerate(prompts)]
@@ -426,8 +474,11 @@ def policy_logprobs(model, contexts: list[Context], rollouts: Rollouts, num_roll
         width = seq.shape[1]
         out = F.pad(out, (0, 0, 0, width))  # a long prompt with a short thought may end before its slice does
         logits = torch.stack([out[i, len(p) - 1:len(p) - 1 + width] for i, p in enumerate(prompts)])
-        logp, entropy = token_logprobs(logits, seq, temperature)
-        return logp, entropy, ids.numel()
+        logp, entropy = token_logprobs(logits, seq, temperature, banned)
+        tokens = ids.numel()
+    # Padding and teacher-forced slots (a forced </think>, the bridge) are no actions: a banned pad token
+    # would give -inf there, and a ratio of exp(-inf - -inf) would poison the loss with NaN.
+    return torch.where(rollouts.action_mask.bool(), logp, 0.0), entropy, tokens
 
 
 ACTIVATION_BUDGET_BYTES = {"cpu": 512 * 2**20}  # per update chunk; other devices: a quarter of their memory
@@ -449,7 +500,8 @@ def _contexts_per_chunk(model, contexts: list[Context], rollouts: Rollouts, num_
 
 
 def policy_update(model, contexts: list[Context], rollouts: Rollouts, num_rollouts: int, temperature: float,
-                  pad_id: int, chunk_loss, fast: bool = True, contexts_per_chunk: int | None = None):
+                  pad_id: int, chunk_loss, fast: bool = True, contexts_per_chunk: int | None = None,
+                  banned: torch.Tensor | None = None):
     """The update's forward and backward, a few contexts at a time, so one chunk's activations live at once.
 
     chunk_loss(rows, logp) -> the chunk's share of the batch loss, where rows is a slice of the N rollouts
@@ -468,7 +520,7 @@ def policy_update(model, contexts: list[Context], rollouts: Rollouts, num_rollou
     for first in range(0, len(contexts), per):
         rows = slice(first * g, min(len(contexts), first + per) * g)
         part = rollouts.select(rows)
-        lp, ent, t = policy_logprobs(model, contexts[first:first + per], part, g, temperature, pad_id, fast)
+        lp, ent, t = policy_logprobs(model, contexts[first:first + per], part, g, temperature, pad_id, fast, banned)
         share = chunk_loss(rows, F.pad(lp, (0, width - lp.shape[1])))
         share.backward()
         logp[rows, :lp.shape[1]], entropy[rows, :lp.shape[1]] = lp.detach(), ent
@@ -545,7 +597,7 @@ def naive_context_logprobs(model, windows: list[list[int]], contexts: list[Conte
 @torch.no_grad()
 def naive_s_pred(model, contexts: list[Context], rollouts: Rollouts, num_rollouts: int, close_id: int,
                  pad_id: int) -> tuple[torch.Tensor, int]:
-    """The reference S_pred: re-encode prompt + thought + </think> + targets per rollout. [N, H]."""
+    """The reference S_pred: re-encode prompt + thought + </think> + bridge + targets per rollout. [N, H]."""
     device = rollouts.seq.device
     rows, starts = [], []
     for i in range(rollouts.seq.shape[0]):
@@ -554,12 +606,29 @@ def naive_s_pred(model, contexts: list[Context], rollouts: Rollouts, num_rollout
         thought = rollouts.seq[i, :length].tolist()
         if not bool(rollouts.closed[i]):
             thought = thought + [close_id]
-        row = c.prompt + thought + c.targets
-        starts.append(len(c.prompt) + len(thought))
+        row = c.prompt + thought + c.bridge + c.targets
+        starts.append(len(c.prompt) + len(thought) + len(c.bridge))
         rows.append(row)
     ids, mask = _right_pad(rows, pad_id, device)
     logits, _ = forward(model, ids, mask, _positions(mask))
     horizon = len(contexts[0].targets)
+    out = torch.stack([_token_logp(logits[i, s - 1:s - 1 + horizon], ids[i, s:s + horizon])
+                       for i, s in enumerate(starts)])
+    return out, ids.numel()
+
+
+@torch.no_grad()
+def empty_thought_logprobs(model, contexts: list[Context], close_id: int, pad_id: int) -> tuple[torch.Tensor, int]:
+    """S_empty: log p_theta(targets | prompt, </think>, bridge), the score after an empty thought. [B, H].
+
+    What the format alone costs (or gives): s_pred - s_empty is what the thought's content adds.
+    """
+    device = next(model.parameters()).device
+    rows = [c.prompt + [close_id] + c.bridge + c.targets for c in contexts]
+    ids, mask = _right_pad(rows, pad_id, device)
+    logits, _ = forward(model, ids, mask, _positions(mask))
+    horizon = len(contexts[0].targets)
+    starts = [len(r) - horizon for r in rows]
     out = torch.stack([_token_logp(logits[i, s - 1:s - 1 + horizon], ids[i, s:s + horizon])
                        for i, s in enumerate(starts)])
     return out, ids.numel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import subprocess
@@ -46,9 +47,22 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
+def strict_json_values(value: Any) -> Any:
+    """NaN and infinities become null: metrics files stay strict JSON (jq, JavaScript, other languages)."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalars, 0-d tensors
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_values(v) for v in value]
+    return value
+
+
 def append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as fh:
-        fh.write(json.dumps(row, default=float) + "\n")
+        fh.write(json.dumps(strict_json_values(row), default=float, allow_nan=False) + "\n")
         fh.flush()
 
 

@@ -11,6 +11,7 @@ data position) and `train()` writes the run folder:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -25,12 +26,14 @@ import torch
 from rlp_cli import objective as O
 from rlp_cli import runio
 from rlp_cli.config import TrainConfig, flatten
-from rlp_cli.data import WindowStream, load_documents, select_positions, split_documents, token_windows
+from rlp_cli.data import (WindowStream, answer_positions, load_documents, select_positions, split_documents,
+                          token_windows)
 from rlp_cli.errors import UserError
-from rlp_cli.models import configure_threads, forward, load_model, resolve_device
+from rlp_cli.probe import Probe, probe_means
+from rlp_cli.models import configure_threads, forward, load_model, resolve_device, token_classes
 from rlp_cli.rewards import RewardInputs, get_reward
-from rlp_cli.rollout import (Context, context_logprobs, naive_context_logprobs, naive_s_pred, policy_logprobs,
-                             policy_update, sample_thoughts, window_logprobs)
+from rlp_cli.rollout import (Context, context_logprobs, empty_thought_logprobs, naive_context_logprobs, naive_s_pred,
+                             policy_logprobs, policy_update, sample_thoughts, window_logprobs)
 
 CONTINUATION_TOKENS = 32  # how much of the true text the rpt rewards may match against
 
@@ -58,6 +61,45 @@ class PhaseTimer:
         return _Phase()
 
 
+class NonFiniteError(RuntimeError):
+    """A reward, loss or gradient became NaN or infinite: the run stops at that step, weights untouched."""
+
+
+def check_finite(step: int, **values) -> None:
+    bad = [name for name, v in values.items() if not bool(torch.isfinite(torch.as_tensor(v)).all())]
+    if bad:
+        error = NonFiniteError(f"step {step}: non-finite {', '.join(bad)}: the run diverged. The optimizer step was "
+                               "skipped; the last checkpoint is intact. Fix: lower optim.lr, or check the data.")
+        error.step = step
+        raise error
+
+
+class MasterWeights:
+    """float32 master copies of a low-precision model's parameters.
+
+    AdamW updates the float32 copies and the model gets them rounded; the EMA teacher (float32 too)
+    follows the masters. A float32 model is its own master: no copy is made.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model_params = list(model.parameters())
+        self.copied = any(p.dtype != torch.float32 for p in self.model_params)
+        self.params = [p.detach().float().clone().requires_grad_(True) if self.copied else p
+                       for p in self.model_params]
+
+    def take_grads(self) -> None:
+        if self.copied:
+            for m, p in zip(self.params, self.model_params):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    @torch.no_grad()
+    def push_weights(self) -> None:
+        if self.copied:
+            for m, p in zip(self.params, self.model_params):
+                p.copy_(m)
+
+
 def matmul_params(model) -> int:
     """Parameters used in matrix products per token (the embedding lookup is free; a tied head is not)."""
     n_unique = sum(p.numel() for p in model.parameters())
@@ -79,7 +121,11 @@ class Trainer:
         self.model_source = loaded.source
         self.open_id, self.close_id = loaded.think_open_id, loaded.think_close_id
         self.pad_id = self.tok.pad_token_id
-        self.eos_id = self.tok.eos_token_id
+        self.token_classes = token_classes(self.tok, self.open_id, self.close_id,
+                                           self.model.get_output_embeddings().weight.shape[0])
+        self.banned = self.token_classes.banned.to(self.device)
+        self.blank_ids = set(torch.nonzero(self.token_classes.blank).flatten().tolist())
+        self.answer_marker = self.tok(config.data.answer_marker, add_special_tokens=False).input_ids
         self.model.train()
 
         obj = config.objective
@@ -94,7 +140,8 @@ class Trainer:
         if obj.kl_beta > 0 and self.reward is not None:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
 
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
+        self.master = MasterWeights(self.model)
+        self.optimizer = torch.optim.AdamW(self.master.params, lr=config.optim.lr, betas=config.optim.betas,
                                            weight_decay=config.optim.weight_decay)
         self.flops_per_token = 2 * matmul_params(self.model)
 
@@ -164,18 +211,38 @@ class Trainer:
                        step_time=time.perf_counter() - start, **self.totals)
         return metrics, sample
 
+    def positions_in(self, window: list[int], rng: np.random.Generator, ema_logprobs=None) -> list[int]:
+        d = self.cfg.data
+        answers = answer_positions(window, self.answer_marker, self.blank_ids) if d.positions == "answer" else None
+        return select_positions(d.positions, len(window), d.min_prefix_tokens, len(window) - self.cfg.objective.horizon,
+                                rng, stride=d.stride, k=d.surprise_k, cap=d.max_positions_per_document,
+                                ema_logprobs=ema_logprobs, answers=answers)
+
+    def context_at(self, window: list[int], t: int, doc_index: int) -> Context:
+        """The thought format (docs/method.md): [prompt] x_<t <think> thought </think> [x_{t-k}..x_{t-1}] x_t."""
+        k = self.cfg.objective.restate_tokens
+        return Context(prompt=self.prompt_ids + window[:t] + [self.open_id], bridge=window[t - k:t] if k else [],
+                       targets=window[t:t + self.cfg.objective.horizon],
+                       continuation=window[t:t + CONTINUATION_TOKENS], doc_index=doc_index, position=t)
+
     def contexts_for(self, windows: list[list[int]], ema_logprobs) -> list[Context]:
-        d, obj = self.cfg.data, self.cfg.objective
-        contexts = []
-        for i, w in enumerate(windows):
-            first, last = d.min_prefix_tokens, len(w) - obj.horizon
-            for t in select_positions(d.positions, len(w), first, last, self.position_rng, stride=d.stride,
-                                      k=d.surprise_k, cap=d.max_positions_per_document,
-                                      ema_logprobs=None if ema_logprobs is None else ema_logprobs[i]):
-                contexts.append(Context(prompt=self.prompt_ids + w[:t] + [self.open_id],
-                                        targets=w[t:t + obj.horizon],
-                                        continuation=w[t:t + CONTINUATION_TOKENS], doc_index=i, position=t))
-        return contexts
+        return [self.context_at(w, t, i) for i, w in enumerate(windows)
+                for t in self.positions_in(w, self.position_rng, None if ema_logprobs is None else ema_logprobs[i])]
+
+    def no_think_logprobs(self, model, windows: list[list[int]], contexts: list[Context]) -> tuple[torch.Tensor, int]:
+        """S_ema (or any no-think score) of the contexts' targets, conditioned on the same instruction as S_pred."""
+        windows, contexts = self.with_prompt(windows, contexts)
+        if self.cfg.fast_path:
+            return context_logprobs(model, windows, contexts, self.pad_id)
+        return naive_context_logprobs(model, windows, contexts, self.pad_id)
+
+    def with_prompt(self, windows, contexts):
+        """The windows with thought_prompt in front and positions shifted to match (both sides of eq. 5 see it)."""
+        if not self.prompt_ids:
+            return windows, contexts
+        shift = len(self.prompt_ids)
+        return ([self.prompt_ids + w for w in windows],
+                [dataclasses.replace(c, position=c.position + shift) for c in contexts])
 
     def token_strings(self, ids: list[int]) -> list[str]:
         """Each token's text, decoded in context so multi-byte characters split across tokens survive."""
@@ -187,48 +254,43 @@ class Trainer:
         return out
 
     def thought_policy_step(self, windows: list[list[int]]) -> tuple[dict, dict]:
-        """Algorithm 1: sample G thoughts per context, reward them, one clipped policy-gradient update."""
+        """Algorithm 1: sample G thoughts per context, reward them, clipped policy-gradient update(s)."""
         cfg, obj = self.cfg, self.cfg.objective
         g, fast, needs = obj.num_rollouts, cfg.fast_path, self.reward.needs
         flop_tokens = {"forward": 0, "train": 0}
         phase = self.phases = PhaseTimer(self.device)
 
-        # Lazy EMA init: phi <- theta on the first batch.
+        # Lazy EMA init: phi <- theta on the first batch (kept in float32 whatever the model's dtype).
         if self.needs_ema and self.teacher is None:
-            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.teacher = copy.deepcopy(self.model).float().eval().requires_grad_(False)
         # S_ema: the `surprise` rule needs it at every position to choose them (one forward per window);
-        # any other rule chooses first, and only the chosen positions are scored (fast path).
-        ema_lp, s_ema, h = None, None, obj.horizon
+        # any other rule chooses first, and only the chosen positions are scored.
+        ema_lp, h = None, obj.horizon
         if self.teacher is not None and cfg.data.positions == "surprise":
             with phase("ema_scoring"):
-                ema_lp, n = window_logprobs(self.teacher, windows, self.pad_id)
+                prompted, _ = self.with_prompt(windows, [])
+                ema_lp, n = window_logprobs(self.teacher, prompted, self.pad_id)
+                ema_lp = [lp[len(self.prompt_ids):] for lp in ema_lp]
             flop_tokens["forward"] += n
         contexts = self.contexts_for(windows, ema_lp)
-        if "s_ema" in needs and fast:
-            if ema_lp is not None:
-                s_ema = torch.stack([ema_lp[c.doc_index][c.position:c.position + h] for c in contexts])
-            else:
-                with phase("ema_scoring"):
-                    s_ema, n = context_logprobs(self.teacher, windows, contexts, self.pad_id)
-                flop_tokens["forward"] += n
 
-        # theta_old = theta: one update per batch, so the behaviour policy is the current weights.
+        # theta_old = theta: the policy that samples is the current weights.
         self.model.eval()
         with phase("rollout"):
             rollouts = sample_thoughts(self.model, contexts, num_rollouts=g, max_thought_tokens=obj.thought_tokens,
                                        temperature=obj.temperature, close_id=self.close_id, pad_id=self.pad_id,
-                                       eos_id=self.eos_id, generator=self.generator,
-                                       score_targets="s_pred" in needs and fast,
-                                       prediction_tokens=obj.prediction_tokens if "prediction" in needs else 0)
-        self.model.train()
+                                       generator=self.generator, score_targets="s_pred" in needs and fast,
+                                       prediction_tokens=obj.prediction_tokens if "prediction" in needs else 0,
+                                       token_classes=self.token_classes)
         flop_tokens["forward"] += rollouts.forward_tokens
 
-        # Rewards (constants).
+        # Rewards (constants): r = S_pred - S_ema (eq. 5), or RPT's matches.
         inputs = RewardInputs(num_rollouts=g, gamma=obj.gamma,
                               target_ids=torch.tensor([c.targets for c in contexts]).repeat_interleave(g, 0),
                               continuation_tokens=[strings for c in contexts
                                                    for strings in [self.token_strings(c.continuation)] * g]
                               if "prediction" in needs else [])
+        s_empty = None
         if "s_pred" in needs:
             if fast:
                 inputs.s_pred = rollouts.s_pred
@@ -236,56 +298,69 @@ class Trainer:
                 with phase("s_pred_scoring"):
                     inputs.s_pred, n = naive_s_pred(self.model, contexts, rollouts, g, self.close_id, self.pad_id)
                 flop_tokens["forward"] += n
+            with phase("s_empty_scoring"):  # what the format alone does to x_t: s_pred - s_empty is the content
+                s_empty, n = empty_thought_logprobs(self.model, contexts, self.close_id, self.pad_id)
+            flop_tokens["forward"] += n
         if "s_ema" in needs:
-            if fast:
-                inputs.s_ema = s_ema
-            else:
-                with phase("ema_scoring"):
-                    inputs.s_ema, n = naive_context_logprobs(self.teacher, windows, contexts, self.pad_id)
-                flop_tokens["forward"] += n
+            with phase("ema_scoring"):
+                if ema_lp is not None:
+                    inputs.s_ema = torch.stack([ema_lp[c.doc_index][c.position:c.position + h] for c in contexts])
+                else:
+                    inputs.s_ema, n = self.no_think_logprobs(self.teacher, windows, contexts)
+                    flop_tokens["forward"] += n
             inputs.s_ema = inputs.s_ema.repeat_interleave(g, 0)
         if "prediction" in needs:
             inputs.prediction_ids = rollouts.prediction_ids
             inputs.predictions = [self.tok.decode(p) for p in rollouts.prediction_ids]
             inputs.prediction_first_prob = rollouts.prediction_first_prob
+        self.model.train()
         rewards = self.reward.fn(inputs).to(self.device).float()  # [N]
+        check_finite(self.step + 1, reward=rewards)
 
         # Group-relative advantages (eq. 7) and the clipped surrogate over sampled tokens (eq. 8).
         advantages = O.group_advantages(rewards.view(-1, g)).view(-1)
-        with phase("update"):
-            mask, logp_ref, kl_shares = rollouts.action_mask, None, []
-            if self.reference is not None:
-                with torch.no_grad():
-                    logp_ref, _, n = policy_logprobs(self.reference, contexts, rollouts, g, obj.temperature,
-                                                     self.pad_id, fast)
-                flop_tokens["forward"] += n
-
+        mask, logp_ref, logp_old = rollouts.action_mask, None, None
+        if self.reference is not None:
+            with torch.no_grad(), phase("update"):
+                logp_ref, _, n = policy_logprobs(self.reference, contexts, rollouts, g, obj.temperature,
+                                                 self.pad_id, fast, self.banned)
+            flop_tokens["forward"] += n
+        clipped, kl_shares = [], []
+        for iteration in range(obj.num_iterations):
             def chunk_loss(rows: slice, logp: torch.Tensor) -> torch.Tensor:
                 # The loss is a mean over thoughts: a chunk of them contributes its mean times its share.
-                # One update per batch: pi_theta_old is this same forward, detached.
+                # First iteration: pi_theta_old is this same forward, detached (rho = 1).
                 share = (rows.stop - rows.start) / len(advantages)
-                loss = O.clipped_surrogate(logp, logp.detach(), advantages[rows], mask[rows], obj.clip_eps_low,
+                old = logp.detach() if logp_old is None else logp_old[rows]
+                loss = O.clipped_surrogate(logp, old, advantages[rows], mask[rows], obj.clip_eps_low,
                                            obj.clip_eps_high)
                 if logp_ref is not None:
                     kl = O.kl_penalty(logp, logp_ref[rows], mask[rows])
-                    kl_shares.append(kl.detach() * share)
+                    kl_shares.append(kl.detach() * share / obj.num_iterations)
                     loss = loss + obj.kl_beta * kl
                 return loss * share
 
-            self.optimizer.zero_grad(set_to_none=True)
-            # forward + backward a chunk of contexts at a time (on a CPU one: no prompt padding, ~1/4 the memory)
-            logp_old, entropy, n, loss = policy_update(self.model, contexts, rollouts, g, obj.temperature,
-                                                       self.pad_id, chunk_loss, fast)
-            flop_tokens["train"] += n
-            kl = sum(kl_shares) if kl_shares else torch.zeros(())
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
-        if self.teacher is not None:
-            with phase("ema_update"):
-                O.ema_update(self.teacher, self.model, obj.ema_tau)
+            with phase("update"):
+                self.optimizer.zero_grad(set_to_none=True)
+                # forward + backward a chunk of contexts at a time (exact gradient accumulation)
+                logp, entropy, n, loss = policy_update(self.model, contexts, rollouts, g, obj.temperature,
+                                                       self.pad_id, chunk_loss, fast, banned=self.banned)
+                flop_tokens["train"] += n
+                clipped.append(O.clip_fractions(logp, logp if logp_old is None else logp_old, advantages, mask,
+                                                obj.clip_eps_low, obj.clip_eps_high))
+                if logp_old is None:
+                    logp_old, entropy_old = logp, entropy
+                self.master.take_grads()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.master.params, cfg.optim.grad_clip)
+                check_finite(self.step + 1, loss=loss, grad_norm=grad_norm)
+                self.optimizer.step()
+                self.master.push_weights()
+            if self.teacher is not None:
+                with phase("ema_update"):
+                    O.ema_update(self.teacher, self.ema_source(), obj.ema_tau)
+        kl = sum(kl_shares) if kl_shares else torch.zeros(())
 
         # Metrics under TRL's names, plus RLP's own.
-        clip_low, clip_high = O.clip_fractions(logp_old, logp_old, advantages, mask, obj.clip_eps_low, obj.clip_eps_high)
         lengths = rollouts.thought_lengths.float()
         m = mask.bool()
         generated = int(mask.sum())
@@ -296,24 +371,35 @@ class Trainer:
             f"rewards/{reward_name}/mean": float(rewards.mean()),
             "completions/mean_length": float(lengths.mean()),
             "completions/clipped_ratio": float((~rollouts.closed).float().mean()),
-            "clip_ratio/low_mean": clip_low, "clip_ratio/high_mean": clip_high,
-            "kl": kl.item(), "entropy": float(entropy[m].mean()) if m.any() else 0.0,
+            "clip_ratio/low_mean": float(np.mean([c[0] for c in clipped])),
+            "clip_ratio/high_mean": float(np.mean([c[1] for c in clipped])),
+            "kl": float(kl), "entropy": float(entropy_old[m].mean()) if m.any() else 0.0,
             "grad_norm": float(grad_norm), "num_contexts": len(contexts),
             **{f"time/{k}": v for k, v in phase.seconds.items()},
             "_generated": generated,
             "_num_tokens": sum(len(c.prompt) for c in contexts) * g + generated,
             "_flops": self.flops_per_token * (flop_tokens["forward"] + 3 * flop_tokens["train"]),
         }
+        if inputs.s_pred is not None:
+            s_pred = inputs.s_pred[:, 0]
+            empty = s_empty[:, 0].repeat_interleave(g, 0)
+            metrics.update({"rlp/s_pred": float(s_pred.mean()), "rlp/s_empty": float(empty.mean()),
+                            "rlp/content_gain": float((s_pred - empty).mean())})
         if inputs.s_pred is not None and inputs.s_ema is not None:
             gain = O.info_gain(inputs.s_pred[:, 0], inputs.s_ema[:, 0])
-            metrics.update({"rlp/s_pred": float(inputs.s_pred[:, 0].mean()),
-                            "rlp/s_ema": float(inputs.s_ema[:, 0].mean()),
+            metrics.update({"rlp/s_ema": float(inputs.s_ema[:, 0].mean()),
                             "rlp/info_gain": float(gain.mean()),
                             "rlp/frac_positive": float((gain > 0).float().mean())})
         self.last_batch = {"windows": windows, "contexts": contexts, "rollouts": rollouts, "rewards": rewards,
                            "advantages": advantages}  # kept for inspection (tests, debugging)
         sample = self._sample_record(windows, contexts, rollouts, rewards, inputs)
+        if s_empty is not None:
+            sample["s_empty"] = float(s_empty[0, 0])
         return metrics, sample
+
+    def ema_source(self) -> list[torch.Tensor]:
+        """What the EMA teacher follows: the float32 master weights, and the model's float buffers."""
+        return self.master.params + [b for b in self.model.buffers() if b.dtype.is_floating_point]
 
     def _sample_record(self, windows, contexts, rollouts, rewards, inputs) -> dict:
         g, c = self.cfg.objective.num_rollouts, contexts[0]
@@ -346,8 +432,11 @@ class Trainer:
                                                  labels.reshape(-1), ignore_index=-100)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.master.take_grads()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.master.params, self.cfg.optim.grad_clip)
+        check_finite(self.step + 1, loss=loss, grad_norm=grad_norm)
         self.optimizer.step()
+        self.master.push_weights()
         tokens = int(mask.sum())
         return {"loss": loss.item(), "perplexity": math.exp(min(float(loss), 50.0)), "grad_norm": float(grad_norm),
                 "_num_tokens": tokens, "_flops": self.flops_per_token * 3 * ids.numel()}, None
@@ -359,6 +448,7 @@ class Trainer:
         return {
             "step": self.step, "totals": dict(self.totals),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "master": [p.detach() for p in self.master.params] if self.master.copied else None,
             "teacher": None if self.teacher is None else self.teacher.state_dict(),
             "stream": self.stream.state_dict(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -369,9 +459,13 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.totals = state["step"], dict(state["totals"])
         self.model.load_state_dict(state["model"])
+        if state.get("master") is not None:
+            with torch.no_grad():
+                for m, saved in zip(self.master.params, state["master"]):
+                    m.copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         if state["teacher"] is not None:
-            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.teacher = copy.deepcopy(self.model).float().eval().requires_grad_(False)
             self.teacher.load_state_dict(state["teacher"])
         self.stream.load_state_dict(state["stream"])
         rng = state["rng"]
@@ -475,7 +569,7 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
         trainer = Trainer(config, out)
         resumed = trainer.load_checkpoint(out / "checkpoint")
         # A resumed run re-logs the steps after its checkpoint exactly once.
-        for name in ("metrics.jsonl", "samples.jsonl"):
+        for name in ("metrics.jsonl", "samples.jsonl", "probe.jsonl"):
             if resumed:
                 runio.truncate_jsonl(out / name, trainer.step)
             elif (out / name).exists():
@@ -485,10 +579,24 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
             model_source=trainer.model_source, resumed_from_step=trainer.step if resumed else None,
             n_params=sum(p.numel() for p in trainer.model.parameters()),
             train_windows=len(trainer.stream.windows), heldout_documents=len(trainer.heldout_docs)))
+        probe_every = config.log.probe_every
+        probe = Probe(trainer) if probe_every and trainer.close_id is not None else None
+
+        def run_probe(metrics: dict) -> None:
+            row = probe.run(trainer.step)
+            runio.append_jsonl(out / "probe.jsonl", row)
+            metrics.update(probe_means(row))
+
+        if probe is not None and trainer.step == 0:
+            first = {"step": 0}
+            run_probe(first)
+            runio.append_jsonl(out / "metrics.jsonl", first)
         bar = _Progress(config.budget.steps, config.name, progress)
         try:
             while not trainer.done():
                 metrics, sample = trainer.train_step()
+                if probe is not None and (trainer.step % probe_every == 0 or trainer.done()):
+                    run_probe(metrics)
                 runio.append_jsonl(out / "metrics.jsonl", metrics)
                 if sample is not None and (trainer.step == 1 or trainer.step % config.log.samples_every == 0):
                     runio.append_jsonl(out / "samples.jsonl", {"step": trainer.step, **sample})
@@ -522,8 +630,8 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
     except KeyboardInterrupt:
         _write_status(out, "interrupted", error="interrupted by the user; run the same command again to resume")
         raise
-    except UserError as e:
-        _write_status(out, "failed", error=str(e))
+    except (UserError, NonFiniteError) as e:
+        _write_status(out, "failed", error=str(e), step=getattr(e, "step", None))
         raise
     except Exception as e:
         _write_status(out, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())

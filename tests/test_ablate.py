@@ -320,7 +320,7 @@ def test_kill_then_rerun_resumes_the_same_trajectory(tmp_path):
     ref_dir = next((tmp_path / "ref" / "resume").glob("run_s0-*"))
     assert ref_dir.name == run_dir.name  # same config, same id
     uninterrupted = read_jsonl(ref_dir / "metrics.jsonl")
-    assert [m["step"] for m in resumed] == list(range(1, 41))  # every step exactly once
+    assert [m["step"] for m in resumed] == list(range(0, 41))  # the step-0 probe, then every step exactly once
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)}  # noqa: E731
     assert [strip(m) for m in resumed] == [strip(m) for m in uninterrupted]
     assert read_json(run_dir / "provenance.json")["resumed_from_step"] >= 5

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rlp_cli.config import load_config
+from rlp_cli.probe import FIELDS as PROBE_FIELDS
 from rlp_cli.runio import read_jsonl
 from rlp_cli.train import Trainer
 
@@ -33,13 +34,17 @@ def test_train_end_to_end_on_tiny(tmp_path, objective, reward):
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "completed" and status["step"] == 3
     rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # step 0: the held-out probe before training
+    assert set(rows[0]) == {"step", *(f"probe/{k}" for k in PROBE_FIELDS)}
+    assert "probe/info_gain" in rows[-1] and len(read_jsonl(out / "probe.jsonl")) == 2
+    rows = rows[1:]
     assert all(r["input_tokens"] > 0 and r["flops"] > 0 for r in rows)
     assert rows[-1]["input_tokens"] > rows[0]["input_tokens"]
     if objective == "rlp":
         for key in ("reward", "reward_std", "rewards/info_gain/mean", "completions/mean_length",
                     "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "entropy",
-                    "step_time", "num_tokens", "rlp/s_pred", "rlp/s_ema", "rlp/info_gain", "rlp/frac_positive"):
+                    "step_time", "num_tokens", "rlp/s_pred", "rlp/s_ema", "rlp/info_gain", "rlp/frac_positive",
+                    "rlp/s_empty", "rlp/content_gain"):
             assert key in rows[0], key
     if objective != "ntp":
         samples = read_jsonl(out / "samples.jsonl")
@@ -54,7 +59,7 @@ def test_train_end_to_end_on_tiny(tmp_path, objective, reward):
     assert not (out / "checkpoint").exists()
     # re-running a completed run does nothing and succeeds
     again = rlp("train", "tiny", "--out", str(out), "--no-progress", *sum((["--set", s] for s in sets), []))
-    assert again.returncode == 0 and len(read_jsonl(out / "metrics.jsonl")) == 3
+    assert again.returncode == 0 and len(read_jsonl(out / "metrics.jsonl")) == 4
 
 
 def test_resume_continues_the_same_trajectory(tmp_path):
@@ -119,8 +124,8 @@ def test_smollm2_smoke_run(tmp_path):
     out = tmp_path / "smol"
     r = rlp("train", "default", "--out", str(out), "--no-progress", "--set", "budget.steps=1",
             "--set", "objective.num_rollouts=2", "--set", "objective.thought_tokens=4",
-            "--set", "optim.batch_documents=1", "--set", "data.num_documents=50")
+            "--set", "optim.batch_documents=1", "--set", "data.num_documents=50", "--set", "log.probe_contexts=2")
     assert r.returncode == 0, r.stderr
-    row = read_jsonl(out / "metrics.jsonl")[0]
+    row = read_jsonl(out / "metrics.jsonl")[-1]
     assert row["rlp/s_ema"] < 0 and abs(row["rlp/info_gain"]) < 20
     assert json.loads((out / "provenance.json").read_text())["n_params"] > 100_000_000

@@ -73,8 +73,8 @@ def test_mean_std_and_relative_change_by_hand():
 TASKS = {"chain_sum": "math", "gcd": "math", "syllogism": "logic"}
 
 
-def _eval_json(accs, suite="quick", ppl=9.0, info_gain=-0.5):
-    results = {t: {"acc": a, "acc_stderr": 0.1, "pass@1": a / 2, "n": 8, "group": TASKS[t]} for t, a in accs.items()}
+def _eval_json(accs, suite="quick", ppl=9.0, info_gain=-0.5, n=8):
+    results = {t: {"acc": a, "acc_stderr": 0.1, "pass@1": a / 2, "n": n, "group": TASKS[t]} for t, a in accs.items()}
     groups = {}
     for g in ("math", "logic", "overall"):
         tasks = [t for t in accs if g == "overall" or TASKS[t] == g]
@@ -177,7 +177,8 @@ def test_report_over_a_synthetic_results_folder(results):
     delta, rel = [c for c in t.columns if c.startswith("Δ")]
     assert "vs base (tiny)" in delta
     assert g4["Overall"] == "42.0 ± 2.0" and g4["n"] == "3"
-    assert g4["Math Avg"] == "45.0 ± 0.0" and g4["chain_sum"] == "50.0 ± 0.0"  # the same in every seed
+    assert g4["Math Avg"] == "45.0 ± 0.0"  # group cells: mean ± std over seeds (the same in every seed)
+    assert g4["chain_sum"] == "50.0 ± 18.9"  # task cells: accuracy ± lm-eval stderr, sqrt(0.5 * 0.5 / (8 - 1))
     assert g4[delta] == "+12.0" and g4[rel] == "+40.0%"  # one-sample t-test p = 0.009: a real difference
     assert g2["Overall"] == "31.0 ± 2.0" and g2[delta] == "+1.0~" and g2[rel] == "+3.3%~"  # within seed noise
     assert base[delta] == "ref" and base["ppl (held-out)"] == "12.00"
@@ -229,3 +230,221 @@ def test_an_empty_or_foreign_folder_reports_without_crashing(tmp_path):
     out = R.make_report(tmp_path, plots=True)
     assert out["tables"] == [] and any("not an `rlp eval` file" in w for w in out["warnings"])
     assert (tmp_path / "report.md").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# One seed, made testable by pairing: eval problems and probe items
+
+
+PROBLEMS = 20  # per task
+
+
+def _eval_samples(folder, solved):
+    """eval_samples.jsonl with one greedy record per problem (correct when its doc_id is in solved[task]), a sampled
+    record that must be ignored, and a torn last line; plus the matching eval.json."""
+    records = []
+    for task, correct in solved.items():
+        for doc in range(PROBLEMS):
+            records.append({"task": task, "group": TASKS[task], "doc_id": doc, "dataset_seed": 2_000_000_000,
+                            "sample": "greedy", "correct": doc in correct, "answer": "x"})
+            records.append({"task": task, "group": TASKS[task], "doc_id": doc, "dataset_seed": 2_000_000_000,
+                            "sample": 0, "correct": True})
+    (folder / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"task": "cha')
+    accs = {task: len(correct) / PROBLEMS for task, correct in solved.items()}
+    (folder / "eval.json").write_text(json.dumps(_eval_json(accs, n=PROBLEMS)))
+
+
+ITEMS = [f"item{k:02d}" for k in range(10)]
+
+
+def _probe_rows(gain_shift, seed_shift=0.0):
+    """probe.jsonl rows at steps 0 and 8. info_gain rises by gain_shift on every item (plus a +-0.01 wiggle);
+    content_gain has a null item."""
+    step0 = {"info_gain": [-5 + 0.1 * k + seed_shift for k in range(10)],
+             "content_gain": [0.2 * k for k in range(10)], "s_pred": [-3.0 - 0.1 * k for k in range(10)]}
+    wiggle = [0.01 * (-1) ** k for k in range(10)]
+    final = {"info_gain": [v + gain_shift + w for v, w in zip(step0["info_gain"], wiggle)],
+             "content_gain": [None] + [v + gain_shift for v in step0["content_gain"][1:]],
+             "s_pred": [v + w for v, w in zip(step0["s_pred"], wiggle)]}
+    extra = {"s_ema": [-3.5] * 10, "s_empty": [-3.2] * 10, "frac_positive": [0.5] * 10}
+    return [{"step": step, "probe_version": 1, "items": ITEMS, **values, **extra}
+            for step, values in ((0, step0), (8, final))]
+
+
+def _probe_run(folder, config, gain_shift, seed_shift=0.0, steps=8):
+    _run(folder, config, steps=steps)
+    rows = _probe_rows(gain_shift, seed_shift)
+    (folder / "probe.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 16, "ite')
+    # metrics.jsonl: a probe-only row at step 0 first, then the training rows, the last with the probe's means
+    train = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()[:-1]]
+    means = {f"probe/{k}": float(np.mean([v for v in rows[1][k] if v is not None])) for k in R.PROBE_METRICS}
+    train[-1].update(means)
+    first = {"step": 0, **{f"probe/{k}": float(np.mean(rows[0][k])) for k in R.PROBE_METRICS}}
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [first] + train))
+
+
+@pytest.fixture
+def paired_results(tmp_path):
+    """Ablation `sd` (one seed, baseline arm `sparse`, a base model, evals with per-problem samples and a probe) and
+    ablation `probe-only` (two seeds per arm, a probe, no evaluation yet)."""
+    root = tmp_path / "results"
+    ab = root / "sd"
+    runs = []
+    for arm, gain in (("sparse", 0.0), ("dense", 0.5)):
+        name = f"{arm}_s0-0000"
+        _probe_run(ab / name, _config(0, num_rollouts=4 if arm == "sparse" else 8), gain)
+        runs.append({"dir": name, "arm": arm, "seed": 0, "axis_values": {"arm": arm}})
+    # chain_sum: dense solves 10 problems sparse misses (b01 = 10, b10 = 0); syllogism: one each way (1/1).
+    _eval_samples(ab / "sparse_s0-0000", {"chain_sum": {0, 1}, "syllogism": {0, 1, 2}})
+    _eval_samples(ab / "dense_s0-0000", {"chain_sum": set(range(12)), "syllogism": {1, 2, 3}})
+    (ab / "base").mkdir()
+    _eval_samples(ab / "base", {"chain_sum": {0}, "syllogism": set()})
+    (ab / "manifest.json").write_text(json.dumps({
+        "ablation": "sd", "axes": {"arm": ["sparse", "dense"]}, "seeds": [0], "baseline": "sparse",
+        "report": {"title": "Sparse vs dense", "axis": "arm", "metrics": ["overall"]},
+        "base_models": [{"model": "tiny", "dir": "base"}], "runs": runs}))
+
+    only = root / "probe-only"
+    runs = []
+    for arm, gain in (("a", 0.0), ("b", 0.3)):
+        for seed in (0, 1):
+            name = f"{arm}_s{seed}-1111"
+            # seed 1 of arm b gains 0.1 more than seed 0: a seed spread of 0.0707 in its Δ
+            _probe_run(only / name, _config(seed, thought_tokens=8 if arm == "a" else 16), gain + 0.1 * seed * (arm == "b"),
+                       seed_shift=0.05 * seed)
+            runs.append({"dir": name, "arm": arm, "seed": seed, "axis_values": {"arm": arm}})
+    (only / "manifest.json").write_text(json.dumps({
+        "ablation": "probe-only", "axes": {"arm": ["a", "b"]}, "seeds": [0, 1], "baseline": "a",
+        "eval_suite": "none", "report": {"title": "Probe only", "axis": "arm"}, "base_models": [], "runs": runs}))
+    return root
+
+
+def test_one_seed_eval_is_tested_problem_by_problem(paired_results):
+    out = R.make_report(paired_results, plots=False)
+    t = _table(out, "sd")
+    delta = next(c for c in t.columns if c.startswith("Δ overall"))
+    dense, base = _row(t, "dense"), _row(t, "base (tiny)")
+    # Δ overall = macro mean of (10/20 - 0/20) and (0/20): +25 points. Welch could not test one seed each ("?");
+    # the stratified paired bootstrap over the 40 problems can: p < 0.05, no mark.
+    assert dense["Overall"] == "37.5" and dense[delta] == "+25.0"
+    assert dense["chain_sum"] == "60.0 ± 11.2"  # sqrt(0.6 * 0.4 / 19) = 0.1124: lm-eval stderr over 20 problems
+    # base vs sparse: macro of -1/20 and -3/20, 4 problems worse and none better. A resample (within each task) is
+    # >= 0 only when it draws none of them: (19/20)^20 * (17/20)^20 = 0.0139, so p = 2 * 0.0139 = 0.028; but with
+    # one run a side the exact McNemar test also runs, and 4 discordant problems give p = 2 * 0.5^4 = 0.125: the
+    # cautious p marks it "~" (not beyond noise).
+    assert base[delta] == "-10.0~"
+    base_record = next(d for d in t.data if d["arm"] == "base (tiny)")
+    assert base_record["p_value"] == pytest.approx(0.125)
+    record = next(d for d in t.data if d["arm"] == "dense")
+    assert record["test"].startswith("paired bootstrap") and record["p_value"] < 0.01
+    assert record["acc/chain_sum"]["stderr"] == pytest.approx(math.sqrt(0.6 * 0.4 / 19))
+    assert record["acc/chain_sum"]["n_problems"] == 20
+    assert any("paired bootstrap over problems" in f for f in t.footer)
+
+    paired = t.paired_eval
+    assert paired is not None and "sparse" in paired.title
+    row = dict(zip(paired.columns, next(r for r in paired.rows if r[0] == "dense")))
+    assert row["problems"] == "40" and row["Δ Overall (pts)"] == "+25.0"
+    assert row["chain_sum"] == "+50.0 (10/0)"  # McNemar p = 2 / 2^10 = 0.002
+    assert row["syllogism"] == "+0.0 (1/1)~"  # McNemar p = 1
+    data = next(d for d in paired.data if d["arm"] == "dense")
+    assert data["per_task"]["chain_sum"]["test"]["p"] == pytest.approx(2 / 1024)
+    low, high = data["test"]["ci_low"], data["test"]["ci_high"]
+    assert 0 < low < 0.25 < high <= 0.5
+    # MDD: sd of the 40 per-problem differences (10 ones, 1 one, 1 minus one, 28 zeros), 2.8016 * sd / sqrt(40)
+    diffs = [1.0] * 11 + [-1.0] + [0.0] * 28
+    assert data["mdd_paired"] == pytest.approx(2.801585 * float(np.std(diffs, ddof=1)) / math.sqrt(40), rel=1e-5)
+    mdd_line = next(f for f in t.footer if f.startswith("Minimum detectable difference"))
+    assert "n = 40 problems" in mdd_line and f"dense {100 * data['mdd_paired']:.1f}" in mdd_line
+    # unpaired: at the baseline's 12.5% over 40 problems, 2.8016 * sqrt(2 * 0.125 * 0.875 / 40)
+    assert f"{100 * 2.801585 * math.sqrt(2 * 0.125 * 0.875 / 40):.1f} pts" in mdd_line
+
+    md = (paired_results / "report.md").read_text()
+    assert "### Problem by problem against sparse" in md and "+50.0 (10/0)" in md
+    report = json.loads((paired_results / "report.json").read_text())
+    sd = next(x for x in report["tables"] if x["ablation"] == "sd")
+    in_json = {d["arm"]: d for d in sd["paired_eval"]["data"]}
+    assert set(in_json) == {"base (tiny)", "dense"}
+    assert in_json["dense"]["per_task"]["chain_sum"]["test"]["b01"] == 10
+    assert in_json["base (tiny)"]["per_task"]["chain_sum"]["test"]["b10"] == 1  # the one problem only sparse solved
+    assert sd["headline"] == "eval"
+
+
+def test_probe_table_pairs_items_across_steps_and_arms(paired_results):
+    out = R.make_report(paired_results)
+    probe = _table(out, "sd").probe
+    assert probe is not None
+    assert "Δ info gain vs sparse" in probe.columns and "Δ content gain since step 0" in probe.columns
+    dense = dict(zip(probe.columns, next(r for r in probe.rows if r[0] == "dense")))
+    sparse = dict(zip(probe.columns, next(r for r in probe.rows if r[0] == "sparse")))
+    assert dense["step"] == "8" and dense["runs"] == "1"
+    assert dense["info gain"] == f"{np.mean([-5 + 0.1 * k + 0.5 for k in range(10)]):.3f}"
+    assert dense["Δ info gain since step 0"] == "+0.500"  # +0.5 +- 0.01 on every item: learnt, p ~ 0
+    assert dense["Δ info gain vs sparse"] == "+0.500"
+    assert sparse["Δ info gain since step 0"] == "+0.000~"  # the +-0.01 wiggle only: nothing learnt
+    assert sparse["Δ info gain vs sparse"] == "ref"
+    assert dense["Δ s_pred since step 0"] == "+0.000~"
+    data = next(d for d in probe.data if d["arm"] == "dense")
+    assert data["content_gain"]["n_items"] == 9  # the null item is left out
+    assert data["content_gain"]["since_step0"]["mean"] == pytest.approx(0.5)
+    assert data["info_gain"]["since_step0"]["bootstrap"]["p"] < 0.001
+    assert data["info_gain"]["since_step0"]["seed_std"] is None  # one seed: no spread
+    assert not any(f.startswith("Note:") for f in probe.footer)  # the baseline arm has a probe, items are shared
+
+    frame = out["frame"]  # the probe-only step-0 row of metrics.jsonl did not break the readers
+    row = frame[frame["name"] == "dense_s0-0000"].iloc[0]
+    assert row["steps_logged"] == 8 and row["input_tokens"] == 800
+    assert row["probe/info_gain"] == pytest.approx(np.mean([-5 + 0.1 * k + 0.5 + 0.01 * (-1) ** k for k in range(10)]))
+    assert row["train/reward"] == pytest.approx(0.7)
+    assert all(r["status"] == "not evaluated" for r in _table(out, "probe-only").runs)
+    ab = R.collect(paired_results)[1]["sd"]
+    assert R.training_curve_names(ab) == ["reward", "rlp/info_gain", "probe/info_gain", "probe/content_gain"]
+    assert (paired_results / "plots" / "sd-training.png").stat().st_size > 5000
+    assert not any("probe.jsonl" in w for w in out["warnings"])  # a torn last line is skipped silently
+
+
+def test_probe_is_the_headline_without_an_eval_and_shows_the_seed_spread(paired_results):
+    out = R.make_report(paired_results, plots=False)
+    t = _table(out, "probe-only")
+    assert t.headline == "probe" and all(r[1] == "0" for r in t.rows)
+    b = dict(zip(t.probe.columns, next(r for r in t.probe.rows if r[0] == "b")))
+    assert b["runs"] == "2"
+    # per seed, b gains 0.3 and 0.4 against its step 0: Δ 0.35, seed spread std(0.3, 0.4) = 0.0707
+    assert b["Δ info gain since step 0"] == "+0.350 ± 0.071"
+    # vs a (which did not learn): each seed against a's run of the same seed, 0.3 and 0.4 again
+    assert b["Δ info gain vs a"] == "+0.350 ± 0.071"
+    data = next(d for d in t.probe.data if d["arm"] == "b")
+    assert data["info_gain"]["vs_baseline"]["per_seed"] == [pytest.approx(0.3), pytest.approx(0.4)]
+    md = (paired_results / "report.md").read_text()
+    section = md[md.index("## Probe only"):]
+    assert section.index("(the headline: no run is evaluated yet)") < section.index("### Evaluation")
+    report = json.loads((paired_results / "report.json").read_text())
+    assert next(x for x in report["tables"] if x["ablation"] == "probe-only")["headline"] == "probe"
+
+
+def test_probe_with_the_base_model_as_baseline_and_bad_lines(tmp_path):
+    root = tmp_path / "r"
+    _probe_run(root / "x" / "run", _config(0), 0.2)
+    with open(root / "x" / "run" / "probe.jsonl", "a") as fh:  # after the torn line: unreadable, then foreign rows
+        fh.write("\n" + json.dumps({"step": 4, "probe_version": 2, "items": ITEMS}) + "\n")
+        fh.write(json.dumps({"step": 5, "items": ITEMS, "info_gain": [1.0]}) + "\n")
+    _probe_run(root / "x" / "late", _config(0, thought_tokens=3), 0.2)  # its step-0 probe is lost
+    rows = (root / "x" / "late" / "probe.jsonl").read_text().splitlines()
+    (root / "x" / "late" / "probe.jsonl").write_text(rows[1] + "\n")
+    (root / "x" / "base").mkdir()
+    (root / "x" / "base" / "eval.json").write_text(json.dumps(_eval_json({"chain_sum": 0.5, "syllogism": 0.5})))
+    out = R.make_report(root, plots=False)
+    probe = _table(out, "x").probe
+    assert not any(c.startswith("Δ info gain vs") for c in probe.columns)  # the base model: its probe is step 0
+    assert any("each run's step 0" in f for f in probe.footer)
+    row = dict(zip(probe.columns, next(r for r in probe.rows if r[0] != "thought_tokens=3")))
+    assert row["Δ info gain since step 0"] == "+0.200" and row["step"] == "8"  # the version-2 row is skipped
+    late = dict(zip(probe.columns, next(r for r in probe.rows if r[0] == "thought_tokens=3")))
+    assert late["Δ info gain since step 0"] == "—" and late["info gain"] != "—"
+    joined = "\n".join(out["warnings"])
+    assert "probe_version 2" in joined and "not a list with one value per item" in joined
+
+
+def test_paired_stats_helpers_are_exposed_by_the_report_module():
+    assert R.noise_marker({"p": float("nan")}) == "?" and R.noise_marker({"p": 0.2}) == "~"
+    assert R.noise_marker({"p": 0.01}) == ""

@@ -30,7 +30,7 @@ def _contexts(tiny, horizon=1):
 def _sample(tiny, contexts, seed=0, **kw):
     gen = torch.Generator().manual_seed(seed)
     args = dict(num_rollouts=G, max_thought_tokens=6, temperature=1.0, close_id=tiny.think_close_id,
-                pad_id=tiny.tokenizer.pad_token_id, eos_id=tiny.tokenizer.eos_token_id, generator=gen,
+                pad_id=tiny.tokenizer.pad_token_id, generator=gen,
                 score_targets=True)
     args.update(kw)
     return sample_thoughts(tiny.model, contexts, **args)
@@ -65,7 +65,7 @@ def test_ragged_thoughts_score_the_same_both_ways(tiny):
     gen = torch.Generator().manual_seed(3)
     ro = sample_thoughts(model, contexts, num_rollouts=G, max_thought_tokens=8, temperature=1.0,
                          close_id=tiny.think_close_id, pad_id=tiny.tokenizer.pad_token_id,
-                         eos_id=tiny.tokenizer.eos_token_id, generator=gen, score_targets=True)
+                         generator=gen, score_targets=True)
     lengths = ro.thought_lengths.tolist()
     assert len(set(lengths)) > 1 and ro.closed.any(), lengths  # the scenario really is ragged
     naive, _ = naive_s_pred(model, contexts, ro, G, tiny.think_close_id, tiny.tokenizer.pad_token_id)
