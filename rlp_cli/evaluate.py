@@ -393,14 +393,17 @@ def intrinsic_metrics(model, tok, cfg, settings: SuiteSettings, *, prompt_ids: l
                                 doc_index=i, position=t, bridge=w[t - k:t] if k else []))
     g = settings.info_gain_rollouts
     gains, s_preds = [], []
+    classes = token_classes(tok, open_id, close_id, model.get_output_embeddings().weight.shape[0])
+    # the no-think side sees the same instruction as the thinking side (as in training and the probe)
+    prompted = window_logprobs(model, [prompt_ids + w for w in windows[:len(contexts)]], pad_id)[0] \
+        if prompt_ids else no_think
     for b in range(0, len(contexts), 8):
         chunk = contexts[b:b + 8]
         rollouts = sample_thoughts(model, chunk, num_rollouts=g, max_thought_tokens=settings.thought_tokens,
                                    temperature=cfg.objective.temperature, close_id=close_id, pad_id=pad_id,
-                                   generator=generator, score_targets=True,
-                                   token_classes=token_classes(tok, open_id, close_id,
-                                                               model.get_output_embeddings().weight.shape[0]))
-        s_ema = torch.tensor([float(no_think[c.doc_index][c.position]) for c in chunk]).repeat_interleave(g)
+                                   generator=generator, score_targets=True, token_classes=classes)
+        s_ema = torch.tensor([float(prompted[c.doc_index][len(prompt_ids) + c.position])
+                              for c in chunk]).repeat_interleave(g)
         s_pred = rollouts.s_pred[:, 0].float().cpu()
         gains += (s_pred - s_ema).tolist()
         s_preds += s_pred.tolist()

@@ -225,13 +225,18 @@ def token_classes(tok, think_open_id: int, think_close_id: int, vocab_size: int 
     """
     from rlp_cli.rollout import TokenClasses
 
-    vocab_size = vocab_size or len(tok)  # the model's logits may have more rows than the tokenizer has tokens
+    vocab_size = vocab_size or len(tok)
     special = set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
-    banned = sorted((special | {think_open_id}) - {think_close_id})
+    padding_rows = set(range(len(tok), vocab_size))  # output rows with no token behind them (e.g. Qwen's)
+    banned = sorted((special | padding_rows | {think_open_id}) - {think_close_id})
     word_start = torch.zeros(vocab_size, dtype=torch.bool)
     blank = torch.zeros(vocab_size, dtype=torch.bool)
+    # Each token decoded after a fixed letter: SentencePiece tokenizers drop a token's leading space when it
+    # is decoded alone, so the space shows only in context.
+    anchor = tok("a", add_special_tokens=False).input_ids[:1]
+    skip = len(tok.decode(anchor))
     for token_id in range(min(vocab_size, len(tok))):
-        text = tok.decode([token_id])
+        text = tok.decode(anchor + [token_id])[skip:]
         word_start[token_id] = text[:1].isspace()
         blank[token_id] = text.strip() == ""
     return TokenClasses(banned=torch.tensor(banned, dtype=torch.long), word_start=word_start, blank=blank)

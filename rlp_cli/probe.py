@@ -20,6 +20,7 @@ scores the current model without a thought instead.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -73,6 +74,8 @@ class Probe:
         g = tr.cfg.log.probe_rollouts
         generator = torch.Generator(device=tr.device).manual_seed(tr.cfg.log.probe_seed * 7919 + 1)
         baseline = tr.teacher if tr.teacher is not None else tr.model
+        if tr.teacher is None and tr.needs_ema and tr.model.dtype != torch.float32:
+            baseline = copy.deepcopy(tr.model).float()  # what the lazy float32 EMA init will be: same baseline throughout
         was_training = tr.model.training
         tr.model.eval()
         columns = {name: [] for name in FIELDS}

@@ -686,7 +686,7 @@ def build_probe_table(ab: Ablation, arms: list[str]) -> Optional[SubTable]:
     columns = ["Arm", "runs", "step"]
     for m in PROBE_TABLE_METRICS:
         columns += [labels[m], f"Δ {labels[m]} since step 0"] + ([f"Δ {labels[m]} vs {baseline}"] if baseline else [])
-    rows, data, unpaired = [], [], []
+    rows, data, unpaired, sensitivity = [], [], [], []
     for arm in probe_arms:
         runs = runs_of[arm]
         steps = sorted({probe_final(r)[0] for r in runs})
@@ -709,6 +709,10 @@ def build_probe_table(ab: Ablation, arms: list[str]) -> Optional[SubTable]:
             if changes:
                 change = paired_summary(combine_seeds(changes), [_item_mean(v) for v in changes.values()])
             cells.append(_delta_cell(change))
+            if change is not None and m == "info_gain" and change["n_items"] > 1:
+                sd = mean_std(list(combine_seeds(changes).values()))[1]
+                sensitivity.append(f"{arm}: p = {_p_text(change['bootstrap']['p'])} over {change['n_items']} items, "
+                                   f"minimum detectable change {minimum_detectable_difference(sd, change['n_items']):.3f}")
             versus = None
             if baseline and arm == baseline:
                 cells.append("ref")
@@ -744,6 +748,9 @@ def build_probe_table(ab: Ablation, arms: list[str]) -> Optional[SubTable]:
         "p <= 0.05. With several seeds, ± after a Δ is the sample std over seeds of "
         "the per-seed Δ: seed-to-seed spread, which the test over items does not include.",
     ]
+    if sensitivity:
+        footer.append("Δ info gain since step 0, " + "; ".join(sensitivity) + " nats (80% power, two-sided 5%, from "
+                      "the observed spread of the per-item changes).")
     if note:
         footer.append(f"Note: {note}.")
     final_steps = sorted({step for record in data for step in record["final_steps"].values()})

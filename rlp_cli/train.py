@@ -68,8 +68,9 @@ class NonFiniteError(RuntimeError):
 def check_finite(step: int, **values) -> None:
     bad = [name for name, v in values.items() if not bool(torch.isfinite(torch.as_tensor(v)).all())]
     if bad:
-        error = NonFiniteError(f"step {step}: non-finite {', '.join(bad)}: the run diverged. The optimizer step was "
-                               "skipped; the last checkpoint is intact. Fix: lower optim.lr, or check the data.")
+        error = NonFiniteError(f"step {step}: non-finite {', '.join(bad)}: the run diverged. The optimizer step that "
+                               "would have used it was skipped; the last checkpoint is intact. Fix: lower optim.lr, "
+                               "or check the data.")
         error.step = step
         raise error
 
@@ -459,10 +460,13 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.totals = state["step"], dict(state["totals"])
         self.model.load_state_dict(state["model"])
-        if state.get("master") is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if state.get("master") is not None:
                 for m, saved in zip(self.master.params, state["master"]):
                     m.copy_(saved)
+            elif self.master.copied:  # a checkpoint without masters: start them from the loaded weights
+                for m, p in zip(self.master.params, self.master.model_params):
+                    m.copy_(p.float())
         self.optimizer.load_state_dict(state["optimizer"])
         if state["teacher"] is not None:
             self.teacher = copy.deepcopy(self.model).float().eval().requires_grad_(False)
