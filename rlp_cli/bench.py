@@ -44,7 +44,7 @@ REFERENCE_SETTING = [
     "data.max_context_tokens=128",
     "optim.lr=1.0e-9",
 ]
-PHASES = ["rollout", "s_pred_scoring", "ema_scoring", "update", "ema_update"]
+PHASES = ["rollout", "s_pred_scoring", "s_empty_scoring", "ema_scoring", "update", "ema_update"]
 TRL_MISSING = ("rlp bench --vs-trl: the comparison runs Hugging Face TRL's GRPOTrainer, and the package `trl` is not "
                "installed (it is not part of rlp's install). Fix: `pip install trl` (into a separate environment if "
                "you want to keep this one as it is), or drop --vs-trl.")
@@ -480,7 +480,7 @@ def render(result: dict, console) -> None:
     table = Table(title=f"{result['model']}, {result['path']} path, {result['device']['name']}, {threads} threads: "
                         f"{result['timed_steps']} steps", title_justify="left")
     for col in ("", "median", "min", "max", "of step"):
-        table.add_column(col, justify="right" if col else "left", no_wrap=True)
+        table.add_column(col, justify="right" if col else "left", no_wrap=True, min_width=None if col else 20)
     step = s["step_time_s"]["median"]
 
     def row(label, key, unit="", share=False):

@@ -355,7 +355,7 @@ def test_smoke_preset_end_to_end(tmp_path):
         status = read_json(folder / "status.json")
         assert status["status"] == "completed", (entry["name"], status)
         rows = read_jsonl(folder / "metrics.jsonl")
-        assert [m["step"] for m in rows] == list(range(1, len(rows) + 1))
+        assert [m["step"] for m in rows] == list(range(len(rows)))  # the step-0 probe, then each step once
         config = load_config(folder / "config.yaml")
         assert run_id(config) == entry["id"] and config.objective.name == entry["arm"]
     ntp = next(x for x in manifest["runs"] if x["arm"] == "ntp")
