@@ -365,3 +365,19 @@ def test_smoke_preset_end_to_end(tmp_path):
     r = rlp("ablate", "smoke", "--out", str(out), "--set", "budget.steps=2", "--eval", "none", "--dry-run",
             cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.count("│ done") == 3, r.stdout
+
+
+def test_shipped_presets_cpt_arms_follow_the_paper_schedule():
+    """thought-vs-ntp: the CPT arms use lr 1e-6 decayed to 1e-7 (RLP_SPEC section 2); the rlp arm keeps its own."""
+    root = Path(__file__).resolve().parent.parent / "ablations"
+    plan = plan_of(root / "thought-vs-ntp.yaml")
+    by_arm = {r.arm: r.config for r in plan.runs}
+    for arm in ("cpt-token-matched", "cpt-flop-matched"):
+        assert (by_arm[arm].optim.lr, by_arm[arm].optim.lr_end) == (1e-6, 1e-7), arm
+    assert by_arm["rlp"].optim.lr_end is None and by_arm["rlp"].objective.name == "rlp"
+
+
+def test_every_shipped_preset_expands():
+    root = Path(__file__).resolve().parent.parent / "ablations"
+    for path in sorted(root.glob("*.yaml")):
+        assert plan_of(path).runs, path.name
