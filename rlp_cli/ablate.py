@@ -335,7 +335,7 @@ def _axis_short_names(keys: list[str]) -> dict[str, str]:
 
 def contexts_per_document(cfg: TrainConfig) -> int:
     d = cfg.data
-    return {"random_one": 1, "surprise": d.surprise_k}.get(d.positions, d.max_positions_per_document)
+    return {"random_one": 1, "answer": 1, "surprise": d.surprise_k}.get(d.positions, d.max_positions_per_document)
 
 
 def flop_matched_tokens(cfg: TrainConfig) -> dict[str, Any]:

@@ -375,6 +375,10 @@ def test_shipped_presets_cpt_arms_follow_the_paper_schedule():
     for arm in ("cpt-token-matched", "cpt-flop-matched"):
         assert (by_arm[arm].optim.lr, by_arm[arm].optim.lr_end) == (1e-6, 1e-7), arm
     assert by_arm["rlp"].optim.lr_end is None and by_arm["rlp"].objective.name == "rlp"
+    # FLOP-matched: one answer position per document, so batch_size = the documents per step (8), not 8 x 4
+    rlp = by_arm["rlp"]
+    expected = 4 * rlp.objective.thought_tokens * 8 * rlp.budget.steps + rlp.budget.steps * 8 * rlp.data.max_context_tokens
+    assert by_arm["cpt-flop-matched"].budget.input_tokens == expected
 
 
 def test_every_shipped_preset_expands():
