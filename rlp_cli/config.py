@@ -253,6 +253,8 @@ def validation_message(err: ValidationError, model_cls: type[BaseModel], origin:
             parts.append(f"key '{key}' is not a known setting ({hint})")
         elif e["type"] == "missing":
             parts.append(f"key '{key}' is required")
+        elif not loc:  # a check across sections: the message names its keys
+            parts.append(e["msg"].removeprefix("Value error, "))
         else:
             got = e.get("input")
             parts.append(f"key '{key}' = {got!r}: {e['msg']}")

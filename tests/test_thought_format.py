@@ -134,6 +134,16 @@ def test_answer_positions_and_the_answer_rule():
     assert docs[0].endswith(f"Answer: {a + b}") and docs == arithmetic_documents(50, 0)
 
 
+def test_a_restatement_longer_than_the_minimum_prefix_is_a_clear_error():
+    from rlp_cli.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        load_config("tiny", ["objective.restate_tokens=20"])
+    message = str(info.value)
+    assert "objective.restate_tokens (20) cannot exceed data.min_prefix_tokens (8)" in message
+    assert "'model'" not in message  # names the keys, does not dump the whole config
+
+
 def test_trainer_scores_the_first_answer_token_with_the_format(tiny):
     cfg = load_config("tiny", ["data.corpus=arithmetic", "data.positions=answer", "objective.restate_tokens=4"])
     tr = Trainer(cfg)
