@@ -11,6 +11,9 @@ Per position, averaged over its `probe_rollouts` thoughts (discounted over the h
     s_pred        log p_theta(x_t | x_<t, thought)               the reasoned score
     s_empty       log p_theta(x_t | x_<t, empty thought)          what the format alone gives
     s_ema         log p_ema(x_t | x_<t)                           the no-think baseline (eq. 5)
+    s_nothink     log p_theta(x_t | x_<t)                         the current model without a thought: the EMA
+                                                                  lags it, so s_pred - s_nothink says whether
+                                                                  thinking still helps the model as it is now
     info_gain     s_pred - s_ema                                  the reward
     content_gain  s_pred - s_empty                                what the thought's content adds
     frac_positive share of the thoughts with info_gain > 0
@@ -33,7 +36,7 @@ from rlp_cli.data import load_documents, split_documents, token_windows
 from rlp_cli.rollout import Context, empty_thought_logprobs, sample_thoughts
 
 PROBE_VERSION = 1
-FIELDS = ("info_gain", "content_gain", "s_pred", "s_empty", "s_ema", "frac_positive")
+FIELDS = ("info_gain", "content_gain", "s_pred", "s_empty", "s_ema", "s_nothink", "frac_positive")
 CHUNK_CONTEXTS = 16
 
 
@@ -88,6 +91,7 @@ class Probe:
                                        generator=generator, score_targets=True, token_classes=tr.token_classes)
             s_ema, _ = tr.no_think_logprobs(baseline, windows, contexts)
             s_empty, _ = empty_thought_logprobs(tr.model, contexts, tr.close_id, tr.pad_id)
+            s_nothink = s_ema if baseline is tr.model else tr.no_think_logprobs(tr.model, windows, contexts)[0]
 
             def discounted(x):  # [*, H] -> [*]: the horizon reward's weighting (plain log-prob at H = 1)
                 return (x.float().cpu() * obj.gamma ** torch.arange(x.shape[-1])).sum(-1)
@@ -98,6 +102,7 @@ class Probe:
             columns["s_pred"] += s_pred.mean(-1).tolist()
             columns["s_ema"] += s_ema_b.tolist()
             columns["s_empty"] += s_empty_b.tolist()
+            columns["s_nothink"] += discounted(s_nothink).tolist()
             columns["info_gain"] += gain.mean(-1).tolist()
             columns["content_gain"] += (s_pred - s_empty_b.unsqueeze(-1)).mean(-1).tolist()
             columns["frac_positive"] += (gain > 0).float().mean(-1).tolist()

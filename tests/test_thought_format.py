@@ -184,6 +184,8 @@ def test_probe_is_deterministic_and_shared_across_seeds(tiny):
     assert after["items"] == first["items"] and after["s_pred"] != first["s_pred"]
     gains = np.array(first["info_gain"])
     assert np.allclose(gains, np.array(first["s_pred"]) - np.array(first["s_ema"]), atol=1e-5)
+    assert first["s_nothink"] == first["s_ema"]  # before the first step the model is its own baseline
+    assert after["s_nothink"] != after["s_ema"]  # then the EMA teacher lags the model
 
 
 def test_ema_and_optimizer_keep_float32_masters_under_bfloat16(tiny):
