@@ -24,7 +24,8 @@ for run in ["base"] + sorted(glob.glob(f"{folder}/*/final")):
         s, _ = tr.no_think_logprobs(tr.model, p.windows, p.contexts)
     scores[run] = s[:, 0].tolist()
     print(run, "items", len(p), "mean no-think log p(x_t)", round(sum(scores[run]) / len(p), 3), flush=True)
-base = scores.pop("base")
-for run, v in scores.items():
-    t = paired_bootstrap([a - b for a, b in zip(v, base)], 10000)
-    print(run, f"vs base: {t['mean']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] p={t['p']:.4f}")
+runs = list(scores)
+for i, run in enumerate(runs):  # every pair, paired position by position
+    for other in runs[:i]:
+        t = paired_bootstrap([a - b for a, b in zip(scores[run], scores[other])], 10000)
+        print(f"{run} - {other}: {t['mean']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] p={t['p']:.4f}")
