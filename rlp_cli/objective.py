@@ -21,11 +21,15 @@ def info_gain(s_pred: torch.Tensor, s_ema: torch.Tensor) -> torch.Tensor:
     return s_pred - s_ema
 
 
+def discounted_sum(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sum_k gamma^k x_k over the last dimension (k < H): the horizon's weighting (x_0 alone at H = 1)."""
+    weights = gamma ** torch.arange(x.shape[-1], dtype=x.dtype, device=x.device)
+    return (x * weights).sum(-1)
+
+
 def discounted_info_gain(s_pred: torch.Tensor, s_ema: torch.Tensor, gamma: float) -> torch.Tensor:
     """Multi-token horizon: sum_k gamma^k [s_pred_k - s_ema_k] over the last dimension (k < H)."""
-    horizon = s_pred.shape[-1]
-    weights = gamma ** torch.arange(horizon, dtype=s_pred.dtype, device=s_pred.device)
-    return (info_gain(s_pred, s_ema) * weights).sum(-1)
+    return discounted_sum(info_gain(s_pred, s_ema), gamma)
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:

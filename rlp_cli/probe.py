@@ -94,7 +94,7 @@ class Probe:
             s_nothink = s_ema if baseline is tr.model else tr.no_think_logprobs(tr.model, windows, contexts)[0]
 
             def discounted(x):  # [*, H] -> [*]: the horizon reward's weighting (plain log-prob at H = 1)
-                return (x.float().cpu() * obj.gamma ** torch.arange(x.shape[-1])).sum(-1)
+                return O.discounted_sum(x.float().cpu(), obj.gamma)
 
             s_pred = discounted(rollouts.s_pred).view(-1, g)  # [B, G]
             s_ema_b, s_empty_b = discounted(s_ema), discounted(s_empty)
