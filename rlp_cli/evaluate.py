@@ -363,7 +363,7 @@ def intrinsic_metrics(model, tok, cfg, settings: SuiteSettings, *, prompt_ids: l
 
     from rlp_cli.data import load_documents, split_documents, token_windows
     from rlp_cli.models import token_classes
-    from rlp_cli.rollout import Context, sample_thoughts, window_logprobs
+    from rlp_cli.rollout import sample_thoughts, thought_context, window_logprobs
 
     d = cfg.data
     docs = load_documents(d.corpus, d.num_documents, cfg.seed, d.text_field, d.txt_split)
@@ -388,9 +388,8 @@ def intrinsic_metrics(model, tok, cfg, settings: SuiteSettings, *, prompt_ids: l
     contexts = []
     for i, w in enumerate(windows[:settings.info_gain_contexts]):
         t = int(rng.integers(d.min_prefix_tokens, len(w)))
-        k = cfg.objective.restate_tokens  # the run's thought format (docs/method.md)
-        contexts.append(Context(prompt=prompt_ids + w[:t] + [open_id], targets=[w[t]], continuation=w[t:t + 1],
-                                doc_index=i, position=t, bridge=w[t - k:t] if k else []))
+        contexts.append(thought_context(w, t, prompt_ids=prompt_ids, open_id=open_id,  # the run's thought format
+                                        restate=cfg.objective.restate_tokens, horizon=1, continuation=1, doc_index=i))
     g = settings.info_gain_rollouts
     gains, s_preds = [], []
     classes = token_classes(tok, open_id, close_id, model.get_output_embeddings().weight.shape[0])

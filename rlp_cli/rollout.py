@@ -40,6 +40,14 @@ class Context:
     bridge: list[int] = field(default_factory=list)
 
 
+def thought_context(window: list[int], t: int, *, prompt_ids: list[int], open_id: int, restate: int, horizon: int,
+                    continuation: int, doc_index: int) -> Context:
+    """The thought format (docs/method.md): [prompt] x_<t <think> thought </think> [x_{t-k}..x_{t-1}] x_t..x_{t+H-1}."""
+    return Context(prompt=prompt_ids + window[:t] + [open_id], targets=window[t:t + horizon],
+                   continuation=window[t:t + continuation], doc_index=doc_index, position=t,
+                   bridge=window[t - restate:t] if restate else [])
+
+
 @dataclass
 class Rollouts:
     """G sampled thoughts per context, compacted: real tokens first, right padding after."""

@@ -33,7 +33,7 @@ from rlp_cli.probe import Probe, probe_means
 from rlp_cli.models import configure_threads, forward, load_model, resolve_device, token_classes
 from rlp_cli.rewards import RewardInputs, get_reward
 from rlp_cli.rollout import (Context, context_logprobs, empty_thought_logprobs, naive_context_logprobs, naive_s_pred,
-                             policy_logprobs, policy_update, sample_thoughts, window_logprobs)
+                             policy_logprobs, policy_update, sample_thoughts, thought_context, window_logprobs)
 
 CONTINUATION_TOKENS = 32  # how much of the true text the rpt rewards may match against
 
@@ -221,10 +221,9 @@ class Trainer:
 
     def context_at(self, window: list[int], t: int, doc_index: int) -> Context:
         """The thought format (docs/method.md): [prompt] x_<t <think> thought </think> [x_{t-k}..x_{t-1}] x_t."""
-        k = self.cfg.objective.restate_tokens
-        return Context(prompt=self.prompt_ids + window[:t] + [self.open_id], bridge=window[t - k:t] if k else [],
-                       targets=window[t:t + self.cfg.objective.horizon],
-                       continuation=window[t:t + CONTINUATION_TOKENS], doc_index=doc_index, position=t)
+        obj = self.cfg.objective
+        return thought_context(window, t, prompt_ids=self.prompt_ids, open_id=self.open_id, restate=obj.restate_tokens,
+                               horizon=obj.horizon, continuation=CONTINUATION_TOKENS, doc_index=doc_index)
 
     def contexts_for(self, windows: list[list[int]], ema_logprobs) -> list[Context]:
         return [self.context_at(w, t, i) for i, w in enumerate(windows)
