@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
 from rlp_cli import runio
-from rlp_cli.config import BUILTIN_CONFIG_DIR, TrainConfig, apply_overrides, flatten, parse_override, read_yaml, \
+from rlp_cli.config import BUILTIN_CONFIG_DIR, TrainConfig, apply_overrides, flatten, parse_override, read_text, read_yaml, \
     set_dotted, validation_message
 from rlp_cli.errors import UserError
 
@@ -147,9 +147,9 @@ def is_ablation_source(source: str) -> bool:
         return path.suffix not in (".yaml", ".yml") and source in preset_paths() and \
             not (BUILTIN_CONFIG_DIR / f"{source}.yaml").is_file()
     try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return False
+        tree = yaml.safe_load(read_text(path))
+    except (OSError, yaml.YAMLError, UserError):
+        return False  # not readable as a preset: loading it as a run config gives the clear error
     return isinstance(tree, dict) and bool(set(tree) & PRESET_ONLY_KEYS)
 
 
@@ -953,8 +953,9 @@ class Scheduler:
     # -- the loop
 
     def run(self) -> None:
-        """Start jobs on free slots until the queue is empty; Ctrl-C / SIGTERM stops every child cleanly."""
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        """Start jobs on free slots until the queue is empty; Ctrl-C, SIGTERM or SIGHUP stops every child cleanly."""
+        # SIGTERM (a scheduler, kill) and SIGHUP (the terminal closed) stop the grid as Ctrl-C does
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
         live = None
         try:
             if console.is_terminal:
@@ -990,7 +991,8 @@ class Scheduler:
             if live is not None:
                 live.update(self.table())
                 live.stop()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def say(self, message: str) -> None:
         (self.live.console if self.live else console).print(message, highlight=False)
@@ -1188,9 +1190,9 @@ def preset_descriptions() -> dict[str, str]:
     out = {}
     for name, path in preset_paths().items():
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(read_text(path)) or {}
             out[name] = " ".join(str(tree.get("description", "")).split()) or str(path)
-        except (OSError, yaml.YAMLError, AttributeError) as e:
+        except (OSError, yaml.YAMLError, AttributeError, UserError) as e:
             out[name] = f"(unreadable: {type(e).__name__})"
     return out
 

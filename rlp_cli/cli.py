@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from rlp_cli.errors import UserError
+from rlp_cli.errors import RunFailed, UserError, storage_failure
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # rlp never downloads at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -132,19 +132,22 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(130)
+    except RunFailed as e:  # diverged, disk full: not bad input, but no traceback either
+        err_console.print(f"[bold red]failed:[/bold red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except OSError as e:  # a full or broken disk outside a training run (ablate's manifest, a report)
+        failure = storage_failure(e, "writing a file")
+        if failure is None:
+            raise
+        err_console.print(f"[bold red]failed:[/bold red] {failure}", highlight=False, soft_wrap=True)
+        sys.exit(failure.exit_code)
     except Exception as e:  # click usage errors
         import click
 
-        from rlp_cli.train import NonFiniteError
-
-        if isinstance(e, NonFiniteError):  # a diverged run: not bad input, but no traceback either
-            err_console.print(f"[bold red]failed:[/bold red] {e}", highlight=False, soft_wrap=True)
-            sys.exit(1)
         if isinstance(e, click.ClickException):
             e.show()
             sys.exit(2)
         raise
-
 
 if __name__ == "__main__":
     main()

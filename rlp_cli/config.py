@@ -163,13 +163,32 @@ def builtin_config_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_CONFIG_DIR.glob("*.yaml"))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config or preset is a page of YAML; a bigger file is a wrong path, not a config
+
+
+def read_text(path: Path) -> str:
+    """A config file's text: UTF-8 and at most 1 MiB, or a UserError naming the file and the fix."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: {size / 2**20:.1f} MiB is too large for a config or preset (the limit is "
+                        f"{MAX_CONFIG_BYTES / 2**20:.0f} MiB). Fix: check the path; data belongs in data.path, "
+                        "not in the config.")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}); is it a binary file or "
+                        "saved in another encoding? Fix: check the path, or re-save the file as UTF-8.") from None
+
+
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file; a missing file or malformed YAML becomes a UserError."""
     if not path.is_file():
         raise UserError(f"{path}: file not found. Fix: check the path, or name a built-in config "
                         f"({', '.join(builtin_config_names())}).")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)

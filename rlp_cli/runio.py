@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -40,6 +41,14 @@ def write_yaml(path: Path, data: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_json(path: Path, default: Any = None) -> Any:
     try:
         return json.loads(Path(path).read_text())
@@ -61,9 +70,19 @@ def strict_json_values(value: Any) -> Any:
 
 
 def append_jsonl(path: Path, row: dict) -> None:
+    """Append one line; a failed write (disk full) is cut back off, so the file never ends in half a row."""
+    line = json.dumps(strict_json_values(row), default=float, allow_nan=False) + "\n"
     with open(path, "a") as fh:
-        fh.write(json.dumps(strict_json_values(row), default=float, allow_nan=False) + "\n")
-        fh.flush()
+        size = fh.tell()
+        try:
+            fh.write(line)
+            fh.flush()
+        except OSError:
+            try:
+                fh.truncate(size)
+            except OSError:
+                pass  # the reader skips a torn last line, and a resume rewrites the file
+            raise
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -28,7 +28,8 @@ from rlp_cli import runio
 from rlp_cli.config import TrainConfig, flatten
 from rlp_cli.data import (WindowStream, answer_positions, load_documents, select_positions, split_documents,
                           token_windows)
-from rlp_cli.errors import UserError
+from rlp_cli.errors import RunFailed, UserError, storage_failure
+from rlp_cli.faults import failpoint
 from rlp_cli.probe import Probe, probe_means
 from rlp_cli.models import configure_threads, forward, load_model, resolve_device, token_classes
 from rlp_cli.rewards import RewardInputs, get_reward
@@ -61,7 +62,7 @@ class PhaseTimer:
         return _Phase()
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailed):
     """A reward, loss or gradient became NaN or infinite: the run stops at that step, weights untouched."""
 
 
@@ -159,6 +160,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1009 + self.rank)
         self.position_rng = np.random.default_rng([config.seed, self.rank, 7])
         self.step = 0
+        self.checkpoint_sha256: str | None = None  # of checkpoint/state.pt as this process last wrote or read it
         self.totals = {"input_tokens": 0, "generated_tokens": 0, "num_tokens": 0, "flops": 0.0}
 
     @staticmethod
@@ -479,16 +481,44 @@ class Trainer:
         self.position_rng.bit_generator.state = rng["positions"]
 
     def save_checkpoint(self, directory: Path) -> None:
+        """Write state.pt atomically, with a checksum file that a resume verifies (a flipped byte loads silently).
+
+        While the rename is pending the checksum file lists both the new and the current checkpoint, so a
+        kill at any moment leaves a state.pt that verifies.
+        """
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / "state.pt.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, directory / "state.pt")
+        path, tmp, sums = directory / "state.pt", directory / "state.pt.tmp", directory / "state.pt.sha256"
+        try:
+            with open(tmp, "wb") as fh:  # through a Python file, a full disk raises OSError(ENOSPC)
+                torch.save(self.state_dict(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            failpoint("checkpoint-tmp-written", self.step)
+            new = runio.sha256_of(tmp)
+            runio.atomic_write_text(sums, "".join(f"{h}\n" for h in (new, self.checkpoint_sha256) if h))
+            os.replace(tmp, path)
+            failpoint("checkpoint-renamed", self.step)
+            self.checkpoint_sha256 = new
+            runio.atomic_write_text(sums, new + "\n")
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self, directory: Path) -> bool:
-        path = directory / "state.pt"
+        path, sums = directory / "state.pt", directory / "state.pt.sha256"
         if not path.is_file():
             return False
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        corrupt = (f"{path}: the checkpoint is corrupt ({{}}); resuming from it would silently continue another "
+                   f"trajectory. Nothing was changed. Fix: restore the file, or delete {directory} to restart this "
+                   "run from step 0 (its logs are rewritten).")
+        digest = runio.sha256_of(path)
+        if sums.is_file() and digest not in sums.read_text().split():
+            raise UserError(corrupt.format("its checksum differs from the one written with it"))
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:  # truncated zip, unpickling garbage
+            raise UserError(corrupt.format(f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")) from None
+        self.load_state_dict(state)
+        self.checkpoint_sha256 = digest
         return True
 
 
@@ -515,6 +545,22 @@ def _check_run_dir(out: Path, config: TrainConfig) -> str | None:
 
 def _write_status(out: Path, status: str, **extra) -> None:
     runio.write_json(out / "status.json", {"status": status, "updated": runio.now(), **extra})
+
+
+def _record_end(out: Path, status: str, **extra) -> None:
+    """The last status of a run that stops on an error; on a full disk even this may not fit."""
+    try:
+        _write_status(out, status, **extra)
+    except OSError:
+        pass
+
+
+def _clear_leftovers(out: Path) -> None:
+    """Temporary files of a process that was killed mid-write (kill -9, power loss): never read, so removed."""
+    import shutil
+
+    for tmp in list(out.glob("*.tmp")) + list(out.glob("checkpoint/*.tmp")):
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 class _Progress:
@@ -549,7 +595,7 @@ class _Progress:
             self.bar.stop()
 
 
-def _sigterm_as_interrupt(signum, frame):
+def _signal_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
@@ -558,17 +604,28 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a terminated run is marked resumable, not running
-    out = Path(out_dir)
+    if threading.current_thread() is not threading.main_thread():
+        return _train(config, Path(out_dir), progress)
+    # a terminated run, or one whose terminal was closed, is marked resumable, not left "running"
+    previous = {sig: signal.signal(sig, _signal_as_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _train(config, Path(out_dir), progress)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     previous = _check_run_dir(out, config)
     if previous == "completed":
         return runio.read_json(out / "status.json")
-    runio.write_yaml(out / "config.yaml", config.to_dict())
     started = time.time()
-    _write_status(out, "running", step=0, pid=os.getpid())
+    trainer = None
     try:
+        _clear_leftovers(out)
+        runio.write_yaml(out / "config.yaml", config.to_dict())
+        _write_status(out, "running", step=0, pid=os.getpid())
         trainer = Trainer(config, out)
         resumed = trainer.load_checkpoint(out / "checkpoint")
         # A resumed run re-logs the steps after its checkpoint exactly once.
@@ -611,18 +668,21 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
         finally:
             bar.close()
         if config.log.save_final:
+            import shutil
+
             final_tmp = out / "final.tmp"
             try:
                 trainer.model.save_pretrained(final_tmp)
                 trainer.tok.save_pretrained(final_tmp)
-            except Exception:
+            except BaseException:
+                shutil.rmtree(final_tmp, ignore_errors=True)
                 trainer.save_checkpoint(out / "checkpoint")  # a re-run resumes here and only retries the save
                 raise
+            failpoint("final-tmp-written")
             if (out / "final").exists():
-                import shutil
-
                 shutil.rmtree(out / "final")
             os.replace(final_tmp, out / "final")
+            failpoint("final-renamed")
         import shutil
 
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
@@ -631,11 +691,20 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
         runio.write_json(out / "status.json", status)
         return status
     except KeyboardInterrupt:
-        _write_status(out, "interrupted", error="interrupted by the user; run the same command again to resume")
+        _record_end(out, "interrupted", error="interrupted by the user; run the same command again to resume")
         raise
-    except (UserError, NonFiniteError) as e:
-        _write_status(out, "failed", error=str(e), step=getattr(e, "step", None))
+    except (UserError, RunFailed) as e:
+        _record_end(out, "failed", error=str(e), step=getattr(e, "step", None))
         raise
+    except OSError as e:
+        step = trainer.step if trainer is not None else 0
+        failure = storage_failure(e, f"writing {out} at step {step}")
+        if failure is None:
+            _record_end(out, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            raise
+        failure.step = step
+        _record_end(out, "failed", error=str(failure), step=step)
+        raise failure from None
     except Exception as e:
-        _write_status(out, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        _record_end(out, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         raise

@@ -275,3 +275,57 @@ def test_ema_scores_of_chosen_contexts_equal_per_context_forwards(tiny, monkeypa
     assert fast.shape == (3, 2)
     assert torch.allclose(fast, naive, atol=1e-5)
     assert slots < sum(len(x) for x in windows) or not unpadded  # cut after the last scored token
+
+
+def test_update_counts_sampled_tokens_only_with_ragged_closed_and_forced_thoughts(tiny):
+    """RPT rollouts through the trainer's fast update, with thoughts that close early (a sampled </think>:
+    an action), thoughts cut at the limit (a forced </think>: not an action), a restated bridge (not an
+    action) and ragged predictions. The gradient equals a plain per-rollout reference that takes the
+    log-prob of exactly the sampled tokens, found from the rollouts' lengths, not from action_mask."""
+    from rlp_cli.models import token_classes
+    from rlp_cli.objective import clipped_surrogate
+    from rlp_cli.rollout import policy_update
+
+    tok, close, pad = tiny.tokenizer, tiny.think_close_id, tiny.tokenizer.pad_token_id
+    policy = copy.deepcopy(tiny.model)
+
+    def likely_close(module, args, out):  # a policy that closes some thoughts early
+        out = out.clone()
+        out[..., close] += 4.5
+        return out
+
+    policy.lm_head.register_forward_hook(likely_close)
+    windows, plain = _contexts(tiny)
+    contexts = [Context(prompt=c.prompt, targets=c.targets, continuation=c.continuation, doc_index=c.doc_index,
+                        position=c.position, bridge=windows[c.doc_index][c.position - 2:c.position]) for c in plain]
+    classes = token_classes(tok, tiny.think_open_id, close, policy.config.vocab_size)
+    g = 4
+    ro = sample_thoughts(policy, contexts, num_rollouts=g, max_thought_tokens=5, temperature=1.0, close_id=close,
+                         pad_id=pad, generator=torch.Generator().manual_seed(3), score_targets=False,
+                         prediction_tokens=3, token_classes=classes)
+    lengths, closed = ro.thought_lengths.tolist(), ro.closed.tolist()
+    assert any(closed) and not all(closed), "the test needs both closed and cut thoughts"
+    assert len(set(lengths)) > 1 and len({len(p) for p in ro.prediction_ids}) > 1, "and ragged ones"
+
+    n = ro.seq.shape[0]
+    adv = torch.linspace(-1, 1, n)
+    fast = copy.deepcopy(policy)
+    policy_update(fast, contexts, ro, g, 1.0, pad,
+                  lambda rows, lp: clipped_surrogate(lp, lp.detach(), adv[rows], ro.action_mask[rows], 0.2, 0.2)
+                  * (rows.stop - rows.start) / n, fast=True, contexts_per_chunk=1)
+
+    reference = copy.deepcopy(policy)
+    loss = 0.0
+    for i in range(n):
+        c, thought, pred = contexts[i // g], ro.seq[i, :lengths[i]].tolist(), ro.prediction_ids[i]
+        assert (thought[-1] == close) == closed[i]
+        after = thought + ([] if closed[i] else [close]) + c.bridge
+        ids = c.prompt + after + pred
+        sampled = list(range(len(c.prompt), len(c.prompt) + len(thought)))
+        sampled += list(range(len(c.prompt) + len(after), len(ids)))
+        logits = reference(torch.tensor([ids])).logits[0]
+        logp = torch.log_softmax(logits[[j - 1 for j in sampled]].float(), -1)[range(len(sampled)), [ids[j] for j in sampled]]
+        loss = loss - adv[i] * logp.mean() / n  # the clipped surrogate's gradient at ratio 1
+    loss.backward()
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
