@@ -32,6 +32,8 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<config name>)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live progress bar."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes for this one run (data parallel, via torchrun): "
+                              "one per GPU, or a share of the CPU cores each."),
 ):
     """Train one model. Re-running the same command resumes from the last checkpoint."""
     from rlp_cli.config import load_config
@@ -40,12 +42,34 @@ def train(
     overrides = list(set_ or []) + ([f"device={device}"] if device else [])
     cfg = load_config(config, overrides)
     out = out or Path("runs") / cfg.name
-    console.print(f"[bold]rlp train[/bold] {cfg.name}: objective={cfg.objective.name} "
-                  f"reward={cfg.objective.reward_name()} model={cfg.model.name} -> {out}")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(_torchrun(nproc, config, list(set_ or []), out, device, progress))
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
+        console.print(f"[bold]rlp train[/bold] {cfg.name}: objective={cfg.objective.name} "
+                      f"reward={cfg.objective.reward_name()} model={cfg.model.name} -> {out}")
     status = run_training(cfg, out, progress=progress)
+    if not main_rank:
+        return
     console.print(f"[green]{status['status']}[/green] after {status.get('step')} steps "
                   f"({status.get('input_tokens', 0)} input tokens, {status.get('wall_time_s', 0)} s). "
                   f"Metrics: {out / 'metrics.jsonl'}; model: {out / 'final'}")
+
+
+def _torchrun(nproc: int, config: str, sets: list[str], out: Path, device: str | None, progress: bool) -> int:
+    """`rlp train --nproc N` is `torchrun --standalone --nproc-per-node N -m rlp_cli.cli train ...` on this node."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "rlp_cli.cli", "train", config, "--out", str(out), "--progress" if progress else "--no-progress"]
+    argv += [a for item in sets for a in ("--set", item)] + (["--device", device] if device else [])
+    env = dict(os.environ)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = str(max(1, int(env.get("RLP_NUM_THREADS", cores)) // nproc))  # never more threads than cores
+    env.update(RLP_NUM_THREADS=share, OMP_NUM_THREADS=share)
+    console.print(f"[bold]rlp train[/bold] over {nproc} processes ({share} threads each): {' '.join(argv[2:])}",
+                  highlight=False)
+    return subprocess.run(argv, env=env).returncode
 
 
 @app.command()

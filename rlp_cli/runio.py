@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,69 @@ def package_versions() -> dict[str, str]:
 def provenance(**extra) -> dict:
     return {"git_commit": git_commit(), "versions": package_versions(), "host": platform.node(),
             "platform": platform.platform(), "date": now(), **extra}
+
+
+LEASE_TTL_S = 120.0  # a lease not refreshed for this long is stale: its holder died without a word (kill -9, node lost)
+
+
+class Lease:
+    """lease.json while a run trains: which host and process hold it, refreshed every LEASE_TTL_S / 4 seconds.
+
+    A driver on another node, or a second `rlp ablate` on the same folder, sees a fresh lease and does
+    not start the run twice; a stale one (the holder was killed) means the run may be resumed.
+    """
+
+    def __init__(self, path: Path, ttl: float = LEASE_TTL_S):
+        self.path, self.ttl = Path(path), ttl
+        self._stop = None
+        self._thread = None
+
+    def _write(self) -> None:
+        try:
+            write_json(self.path, {"host": platform.node(), "pid": os.getpid(), "updated": time.time(),
+                                   "ttl_s": self.ttl})
+        except OSError:
+            pass  # a full disk: the run itself reports it; a missing refresh only makes the lease look stale sooner
+
+    def __enter__(self) -> "Lease":
+        import threading
+
+        self._write()
+        self._stop = threading.Event()
+
+        def refresh():
+            while not self._stop.wait(self.ttl / 4):
+                self._write()
+
+        self._thread = threading.Thread(target=refresh, name="rlp-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+
+def lease_holder(path: Path) -> dict | None:
+    """The holder of a fresh lease ({host, pid, updated}), or None when there is none or it is stale."""
+    lease = read_json(path)
+    if not isinstance(lease, dict) or not isinstance(lease.get("updated"), (int, float)):
+        return None
+    if lease.get("host") == platform.node():  # on this machine the process itself can be asked
+        return lease if _process_alive(lease.get("pid")) else None
+    return lease if time.time() - lease["updated"] < float(lease.get("ttl_s", LEASE_TTL_S)) else None
+
+
+def _process_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie has finished
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False

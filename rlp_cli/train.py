@@ -10,6 +10,7 @@ data position) and `train()` writes the run folder:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlp_cli import distributed
 from rlp_cli import objective as O
 from rlp_cli import runio
 from rlp_cli.config import TrainConfig, flatten
@@ -37,6 +39,8 @@ from rlp_cli.rollout import (Context, context_logprobs, empty_thought_logprobs, 
                              policy_logprobs, policy_update, sample_thoughts, thought_context, window_logprobs)
 
 CONTINUATION_TOKENS = 32  # how much of the true text the rpt rewards may match against
+# Metrics that count things are added up over data-parallel ranks; every other metric is averaged.
+SUMMED_OVER_RANKS = ("_generated", "_num_tokens", "_flops", "num_contexts")
 
 
 class PhaseTimer:
@@ -116,10 +120,13 @@ class Trainer:
         self.cfg = config
         self.out = Path(out_dir) if out_dir else None
         self.threads = configure_threads(config.threads)
-        self.device = resolve_device(config.device)
+        world = distributed.world_from_env()
+        self.device = resolve_device(distributed.device_for(config.device, world))
+        self.world = distributed.start(world, self.device)
         self._seed_everything(config.seed)
         loaded = load_model(config.model.name, config.model.dtype, self.device)
         self.model, self.tok = loaded.model, loaded.tokenizer
+        distributed.broadcast_parameters(self.model, self.world)
         self.model_source = loaded.source
         self.open_id, self.close_id = loaded.think_open_id, loaded.think_close_id
         self.pad_id = self.tok.pad_token_id
@@ -143,6 +150,7 @@ class Trainer:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
 
         self.master = MasterWeights(self.model)
+        self.trainable = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.master.params, lr=config.optim.lr, betas=config.optim.betas,
                                            weight_decay=config.optim.weight_decay)
         self.flops_per_token = 2 * matmul_params(self.model)
@@ -151,14 +159,14 @@ class Trainer:
                               config.data.txt_split)
         train_docs, self.heldout_docs = split_documents(docs, config.data.heldout_fraction)
         min_len = config.data.min_prefix_tokens + max(obj.horizon, 1)
-        # Under torchrun each rank reads its own shard of the windows and samples with its own seed.
-        self.rank, self.world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        # Every rank walks the same stream of global batches and keeps its share (distributed.py).
         windows = token_windows(train_docs, self.tok, config.data.max_context_tokens, min_len)
-        self.stream = WindowStream(windows[self.rank::self.world_size], config.seed)
+        self.stream = WindowStream(windows, config.seed)
         self.prompt_ids = self.tok(obj.thought_prompt, add_special_tokens=False).input_ids if obj.thought_prompt else []
 
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1009 + self.rank)
-        self.position_rng = np.random.default_rng([config.seed, self.rank, 7])
+        # Thoughts: each rank samples its own; positions: drawn over the global batch, the same on every rank.
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1009 + self.world.rank)
+        self.position_rng = np.random.default_rng([config.seed, 0, 7])
         self.step = 0
         self.checkpoint_sha256: str | None = None  # of checkpoint/state.pt as this process last wrote or read it
         self.totals = {"input_tokens": 0, "generated_tokens": 0, "num_tokens": 0, "flops": 0.0}
@@ -198,17 +206,24 @@ class Trainer:
     def train_step(self) -> tuple[dict, dict | None]:
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
-        windows = self.stream.next_batch(self.cfg.optim.batch_documents)
+        batch = self.stream.next_batch(self.cfg.optim.batch_documents)
+        windows, positions = batch, None
+        if self.world.active:
+            windows = distributed.my_share(batch, self.world)
+            if self.reward is not None and self.cfg.data.positions != "surprise":
+                # drawn for the whole global batch, so every world size trains on the same positions
+                positions = distributed.my_share([self.positions_in(w, self.position_rng) for w in batch], self.world)
         start = time.perf_counter()
         if self.reward is None:
             metrics, sample = self.ntp_step(windows)
         else:
-            metrics, sample = self.thought_policy_step(windows)
+            metrics, sample = self.thought_policy_step(windows, positions)
+        metrics = distributed.reduce_metrics(metrics, self.world, self.device, SUMMED_OVER_RANKS)
         self.step += 1
-        input_tokens = sum(len(w) for w in windows)
+        input_tokens = sum(len(w) for w in batch)
         self.totals["input_tokens"] += input_tokens
-        self.totals["generated_tokens"] += metrics.pop("_generated", 0)
-        self.totals["num_tokens"] += metrics.pop("_num_tokens", 0)
+        self.totals["generated_tokens"] += int(metrics.pop("_generated", 0))
+        self.totals["num_tokens"] += int(metrics.pop("_num_tokens", 0))
         self.totals["flops"] += metrics.pop("_flops", 0.0)
         metrics.update(step=self.step, epoch=self.stream.epoch, learning_rate=self.learning_rate(),
                        step_time=time.perf_counter() - start, **self.totals)
@@ -255,7 +270,8 @@ class Trainer:
             prev = text
         return out
 
-    def thought_policy_step(self, windows: list[list[int]]) -> tuple[dict, dict]:
+    def thought_policy_step(self, windows: list[list[int]], positions: list[list[int]] | None = None
+                            ) -> tuple[dict, dict]:
         """Algorithm 1: sample G thoughts per context, reward them, clipped policy-gradient update(s)."""
         cfg, obj = self.cfg, self.cfg.objective
         g, fast, needs = obj.num_rollouts, cfg.fast_path, self.reward.needs
@@ -274,7 +290,8 @@ class Trainer:
                 ema_lp, n = window_logprobs(self.teacher, prompted, self.pad_id)
                 ema_lp = [lp[len(self.prompt_ids):] for lp in ema_lp]
             flop_tokens["forward"] += n
-        contexts = self.contexts_for(windows, ema_lp)
+        contexts = self.contexts_for(windows, ema_lp) if positions is None else \
+            [self.context_at(w, t, i) for i, w in enumerate(windows) for t in positions[i]]
 
         # theta_old = theta: the policy that samples is the current weights.
         self.model.eval()
@@ -348,6 +365,7 @@ class Trainer:
                 logp, entropy, n, loss = policy_update(self.model, contexts, rollouts, g, obj.temperature,
                                                        self.pad_id, chunk_loss, fast, banned=self.banned)
                 flop_tokens["train"] += n
+                distributed.sum_weighted_gradients(self.trainable, len(advantages), self.world)  # data parallel
                 clipped.append(O.clip_fractions(logp, logp if logp_old is None else logp_old, advantages, mask,
                                                 obj.clip_eps_low, obj.clip_eps_high))
                 if logp_old is None:
@@ -434,6 +452,7 @@ class Trainer:
                                                  labels.reshape(-1), ignore_index=-100)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.sum_weighted_gradients(self.trainable, int((labels != -100).sum()), self.world)  # data parallel
         self.master.take_grads()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.master.params, self.cfg.optim.grad_clip)
         check_finite(self.step + 1, loss=loss, grad_norm=grad_norm)
@@ -446,19 +465,27 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
     # Checkpoints: everything needed to continue the same trajectory
 
+    def rng_state(self) -> dict:
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "generator": self.generator.get_state(), "positions": self.position_rng.bit_generator.state}
+
     def state_dict(self) -> dict:
+        """The run's state; under torchrun every rank calls it (it gathers each rank's sampling state)."""
         return {
-            "step": self.step, "totals": dict(self.totals),
+            "step": self.step, "totals": dict(self.totals), "world_size": self.world.size,
+            "rank_rng": distributed.gather(self.rng_state(), self.world),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "master": [p.detach() for p in self.master.params] if self.master.copied else None,
             "teacher": None if self.teacher is None else self.teacher.state_dict(),
             "stream": self.stream.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "generator": self.generator.get_state(),
-                    "positions": self.position_rng.bit_generator.state},
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world.size:
+            raise UserError(f"{self.out or 'this run'}: the checkpoint was written by {saved_world} process(es) and "
+                            f"this run has {self.world.size}; each process's sampling state is in it, so it resumes "
+                            f"only with the same number. Fix: resume with --nproc {saved_world}, or pass another --out.")
         self.step, self.totals = state["step"], dict(state["totals"])
         self.model.load_state_dict(state["model"])
         with torch.no_grad():
@@ -473,7 +500,7 @@ class Trainer:
             self.teacher = copy.deepcopy(self.model).float().eval().requires_grad_(False)
             self.teacher.load_state_dict(state["teacher"])
         self.stream.load_state_dict(state["stream"])
-        rng = state["rng"]
+        rng = state["rank_rng"][self.world.rank] if "rank_rng" in state else state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -486,11 +513,14 @@ class Trainer:
         While the rename is pending the checksum file lists both the new and the current checkpoint, so a
         kill at any moment leaves a state.pt that verifies.
         """
+        state = self.state_dict()  # under torchrun every rank takes part; rank 0 writes
+        if not self.world.is_main:
+            return
         directory.mkdir(parents=True, exist_ok=True)
         path, tmp, sums = directory / "state.pt", directory / "state.pt.tmp", directory / "state.pt.sha256"
         try:
             with open(tmp, "wb") as fh:  # through a Python file, a full disk raises OSError(ENOSPC)
-                torch.save(self.state_dict(), fh)
+                torch.save(state, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             failpoint("checkpoint-tmp-written", self.step)
@@ -604,18 +634,31 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        return _train(config, Path(out_dir), progress)
-    # a terminated run, or one whose terminal was closed, is marked resumable, not left "running"
-    previous = {sig: signal.signal(sig, _signal_as_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        return _train(config, Path(out_dir), progress)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.world_from_env().is_main
+    holder = runio.lease_holder(out / "lease.json") if main else None
+    if holder and holder.get("pid") != os.getpid():
+        raise UserError(f"{out}: this run is being trained right now by process {holder.get('pid')} on "
+                        f"{holder.get('host')} (its lease.json is fresh). Fix: wait for it, stop it, or pass another "
+                        "--out.")
+    # lease.json while this process works on the folder: a driver on another node, or a second
+    # `rlp ablate`, sees the run is taken (rank 0 holds it under torchrun)
+    with runio.Lease(out / "lease.json") if main else contextlib.nullcontext():
+        if threading.current_thread() is not threading.main_thread():
+            return _train(config, out, progress)
+        # a terminated run, or one whose terminal was closed, is marked resumable, not left "running"
+        previous = {sig: signal.signal(sig, _signal_as_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            return _train(config, out, progress)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
+    world = distributed.world_from_env()
+    main = world.is_main  # under torchrun only rank 0 writes the run folder; the others train and return
     out.mkdir(parents=True, exist_ok=True)
     previous = _check_run_dir(out, config)
     if previous == "completed":
@@ -623,24 +666,26 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
     started = time.time()
     trainer = None
     try:
-        _clear_leftovers(out)
-        runio.write_yaml(out / "config.yaml", config.to_dict())
-        _write_status(out, "running", step=0, pid=os.getpid())
+        if main:
+            _clear_leftovers(out)
+            runio.write_yaml(out / "config.yaml", config.to_dict())
+            _write_status(out, "running", step=0, pid=os.getpid())
         trainer = Trainer(config, out)
         resumed = trainer.load_checkpoint(out / "checkpoint")
-        # A resumed run re-logs the steps after its checkpoint exactly once.
-        for name in ("metrics.jsonl", "samples.jsonl", "probe.jsonl"):
-            if resumed:
-                runio.truncate_jsonl(out / name, trainer.step)
-            elif (out / name).exists():
-                (out / name).unlink()
-        runio.write_json(out / "provenance.json", runio.provenance(
-            seed=config.seed, device=str(trainer.device), torch_threads=trainer.threads,
-            model_source=trainer.model_source, resumed_from_step=trainer.step if resumed else None,
-            n_params=sum(p.numel() for p in trainer.model.parameters()),
-            train_windows=len(trainer.stream.windows), heldout_documents=len(trainer.heldout_docs)))
+        if main:
+            # A resumed run re-logs the steps after its checkpoint exactly once.
+            for name in ("metrics.jsonl", "samples.jsonl", "probe.jsonl"):
+                if resumed:
+                    runio.truncate_jsonl(out / name, trainer.step)
+                elif (out / name).exists():
+                    (out / name).unlink()
+            runio.write_json(out / "provenance.json", runio.provenance(
+                seed=config.seed, device=str(trainer.device), torch_threads=trainer.threads, world_size=world.size,
+                model_source=trainer.model_source, resumed_from_step=trainer.step if resumed else None,
+                n_params=sum(p.numel() for p in trainer.model.parameters()),
+                train_windows=len(trainer.stream.windows), heldout_documents=len(trainer.heldout_docs)))
         probe_every = config.log.probe_every
-        probe = Probe(trainer) if probe_every and trainer.close_id is not None else None
+        probe = Probe(trainer) if main and probe_every and trainer.close_id is not None else None
 
         def run_probe(metrics: dict) -> None:
             row = probe.run(trainer.step)
@@ -651,50 +696,42 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
             first = {"step": 0}
             run_probe(first)
             runio.append_jsonl(out / "metrics.jsonl", first)
-        bar = _Progress(config.budget.steps, config.name, progress)
+        bar = _Progress(config.budget.steps, config.name, progress and main)
         try:
             while not trainer.done():
                 metrics, sample = trainer.train_step()
                 if probe is not None and (trainer.step % probe_every == 0 or trainer.done()):
                     run_probe(metrics)
-                runio.append_jsonl(out / "metrics.jsonl", metrics)
-                if sample is not None and (trainer.step == 1 or trainer.step % config.log.samples_every == 0):
-                    runio.append_jsonl(out / "samples.jsonl", {"step": trainer.step, **sample})
+                if main:
+                    runio.append_jsonl(out / "metrics.jsonl", metrics)
+                    if sample is not None and (trainer.step == 1 or trainer.step % config.log.samples_every == 0):
+                        runio.append_jsonl(out / "samples.jsonl", {"step": trainer.step, **sample})
                 bar.update(metrics)
                 every = config.log.checkpoint_every
                 if every and trainer.step % every == 0 and not trainer.done():
                     trainer.save_checkpoint(out / "checkpoint")
-                    _write_status(out, "running", step=trainer.step, pid=os.getpid())
+                    if main:
+                        _write_status(out, "running", step=trainer.step, pid=os.getpid())
         finally:
             bar.close()
+        status = {"status": "completed", "updated": runio.now(), "step": trainer.step,
+                  "wall_time_s": round(time.time() - started, 2), **trainer.totals}
+        if not main:
+            return status
         if config.log.save_final:
-            import shutil
-
-            final_tmp = out / "final.tmp"
-            try:
-                trainer.model.save_pretrained(final_tmp)
-                trainer.tok.save_pretrained(final_tmp)
-            except BaseException:
-                shutil.rmtree(final_tmp, ignore_errors=True)
-                trainer.save_checkpoint(out / "checkpoint")  # a re-run resumes here and only retries the save
-                raise
-            failpoint("final-tmp-written")
-            if (out / "final").exists():
-                shutil.rmtree(out / "final")
-            os.replace(final_tmp, out / "final")
-            failpoint("final-renamed")
+            _save_final(trainer, out)
         import shutil
 
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
-        status = {"status": "completed", "updated": runio.now(), "step": trainer.step,
-                  "wall_time_s": round(time.time() - started, 2), **trainer.totals}
         runio.write_json(out / "status.json", status)
         return status
     except KeyboardInterrupt:
-        _record_end(out, "interrupted", error="interrupted by the user; run the same command again to resume")
+        if main:
+            _record_end(out, "interrupted", error="interrupted by the user; run the same command again to resume")
         raise
     except (UserError, RunFailed) as e:
-        _record_end(out, "failed", error=str(e), step=getattr(e, "step", None))
+        if main:
+            _record_end(out, "failed", error=str(e), step=getattr(e, "step", None))
         raise
     except OSError as e:
         step = trainer.step if trainer is not None else 0
@@ -706,5 +743,28 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
         _record_end(out, "failed", error=str(failure), step=step)
         raise failure from None
     except Exception as e:
-        _record_end(out, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        if main:
+            _record_end(out, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         raise
+    finally:
+        distributed.stop(world)
+
+
+def _save_final(trainer: Trainer, out: Path) -> None:
+    """final/ appears whole or not at all (written as final.tmp/, then renamed)."""
+    import shutil
+
+    final_tmp = out / "final.tmp"
+    try:
+        trainer.model.save_pretrained(final_tmp)
+        trainer.tok.save_pretrained(final_tmp)
+    except BaseException:
+        shutil.rmtree(final_tmp, ignore_errors=True)
+        if not trainer.world.active:  # (under torchrun the other ranks are gone: the last checkpoint stays)
+            trainer.save_checkpoint(out / "checkpoint")  # a re-run resumes here and only retries the save
+        raise
+    failpoint("final-tmp-written")
+    if (out / "final").exists():
+        shutil.rmtree(out / "final")
+    os.replace(final_tmp, out / "final")
+    failpoint("final-renamed")
