@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 from rlp_cli import runio
 from rlp_cli.errors import UserError
+from rlp_cli.runfolder import RunFolder, samples_beside
 
 SUITE_VERSION = 1  # bump when a task, its generator settings or the template changes
 EVAL_SEED_BASE = 2_000_000_000  # far from training seeds (run seed + 1_000_003 + task index + item index)
@@ -546,11 +547,12 @@ def resolve_target(target: str | Path, config_overrides: list[str], config=None)
     from rlp_cli.config import TrainConfig, load_config
 
     path = Path(target)
-    if path.is_dir() and (path / "config.yaml").is_file():
-        cfg = load_config(path / "config.yaml", config_overrides)
-        final = path / "final"
-        if not (final / "config.json").is_file():
-            status = runio.read_json(path / "status.json", {}) or {}
+    run = RunFolder(path)
+    if path.is_dir() and run.config.is_file():
+        cfg = load_config(run.config, config_overrides)
+        final = run.final
+        if not (final / "config.json").is_file():  # a Hugging Face model folder's config, not the run's
+            status = run.read_status()
             raise UserError(f"{path}: the run has no final model (final/config.json; status: "
                             f"{status.get('status', 'unknown')}). Fix: let `rlp train` finish this run (re-running "
                             "it resumes), then evaluate again.")
@@ -566,13 +568,9 @@ def resolve_target(target: str | Path, config_overrides: list[str], config=None)
 
 def default_out(target: str | Path, run_dir: Path | None, suite: str) -> Path:
     if run_dir is not None:
-        return run_dir / "eval.json"
+        return RunFolder(run_dir).eval_json
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(target)).strip("_") or "model"
-    return Path("evals") / f"{safe}-{re.sub(r'[^A-Za-z0-9._-]+', '_', suite)}" / "eval.json"
-
-
-def samples_path(out: Path) -> Path:
-    return out.with_name(out.stem + "_samples.jsonl")
+    return RunFolder(Path("evals") / f"{safe}-{re.sub(r'[^A-Za-z0-9._-]+', '_', suite)}").eval_json
 
 
 def evaluate(target: str | Path, suite: str = "quick", out: Path | None = None, device: str = "auto", seed: int = 0,
@@ -676,7 +674,7 @@ def evaluate(target: str | Path, suite: str = "quick", out: Path | None = None, 
     out.parent.mkdir(parents=True, exist_ok=True)
     import json
 
-    runio.atomic_write_text(samples_path(out), "".join(json.dumps(r, default=str) + "\n" for r in records))
+    runio.atomic_write_text(samples_beside(out), "".join(json.dumps(r, default=str) + "\n" for r in records))
     runio.write_json(out, result)
     overall = groups.get("overall", {})
     ppl, gain = intrinsic.get("heldout_perplexity"), intrinsic.get("heldout_info_gain")

@@ -18,11 +18,12 @@ from rlp_cli.config import flatten
 from rlp_cli.errors import UserError
 from rlp_cli.report.records import (Ablation, EvalResult, Manifest, Probe, Run, Sample, Thought,
                                     is_number)
+from rlp_cli.runfolder import MANIFEST_FILE, RunFolder
 
 IGNORED_AXIS_KEYS = ("name", "seed", "device", "threads")  # and log.*: they do not change what is learnt
 PROBE_VERSION = 1
 PROBE_METRICS = ("info_gain", "content_gain", "s_pred", "s_ema", "s_empty", "frac_positive")
-SKIP_DIRS = {"final", "checkpoint", "plots", "final.tmp", "__pycache__"}
+SKIP_DIRS = {RunFolder.FINAL, RunFolder.CHECKPOINT, "plots", RunFolder.FINAL_TMP, "__pycache__"}
 
 
 def read_json_file(path: Path, warnings: list[str], what: str) -> Optional[dict]:
@@ -179,47 +180,49 @@ def read_samples(path: Path) -> list[Sample]:
 
 
 def read_run(folder: Path, root: Path, warnings: list[str]) -> Optional[Run]:
+    files = RunFolder(folder)
     try:
-        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config = yaml.safe_load(files.config.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        warnings.append(f"{folder / 'config.yaml'}: skipped, unreadable YAML ({type(e).__name__})")
+        warnings.append(f"{files.config}: skipped, unreadable YAML ({type(e).__name__})")
         return None
     if not isinstance(config, dict) or not isinstance(config.get("objective", {}), dict):
-        warnings.append(f"{folder / 'config.yaml'}: skipped, not an rlp run config")
+        warnings.append(f"{files.config}: skipped, not an rlp run config")
         return None
-    status = read_json_file(folder / "status.json", warnings, "status file")
+    status = read_json_file(files.status_file, warnings, "status file")
     if status is None:
         status = {"status": "unknown"}
-    metrics = [r for r in runio.read_jsonl(folder / "metrics.jsonl") if isinstance(r, dict)]
+    metrics = [r for r in runio.read_jsonl(files.metrics) if isinstance(r, dict)]
     run = Run(kind="run", folder=os.path.relpath(folder, root), name=folder.name,
               status=str(status.get("status", "unknown")), step=status.get("step"), error=status.get("error"),
               seed=config.get("seed"), total_steps=(config.get("budget") or {}).get("steps"),
               model=(config.get("model") or {}).get("name"), config=flatten(config), metrics=metrics,
-              probe=read_probe(folder / "probe.jsonl", warnings), training=training_columns(metrics, status),
-              samples=read_samples(folder / "samples.jsonl"))
-    ev = read_json_file(folder / "eval.json", warnings, "eval file")
+              probe=read_probe(files.probe, warnings), training=training_columns(metrics, status),
+              samples=read_samples(files.samples))
+    ev = read_json_file(files.eval_json, warnings, "eval file")
     if ev is not None:
-        run.eval = eval_columns(ev, folder / "eval.json", warnings)
+        run.eval = eval_columns(ev, files.eval_json, warnings)
         if run.eval is not None:
-            run.eval.items = read_eval_items(folder / "eval_samples.jsonl", warnings)
-    eval_status = read_json_file(folder / "eval_status.json", warnings, "eval status file") or {}
+            run.eval.items = read_eval_items(files.eval_samples, warnings)
+    eval_status = read_json_file(files.eval_status_file, warnings, "eval status file") or {}
     run.eval_error = eval_status.get("error") if eval_status.get("status") == "failed" and not run.evaluated else None
     return run
 
 
 def read_model_eval(folder: Path, root: Path, warnings: list[str]) -> Optional[Run]:
     """A stand-alone `rlp eval MODEL` result, e.g. the base model of an ablation in base/."""
-    ev = read_json_file(folder / "eval.json", warnings, "eval file")
-    result = None if ev is None else eval_columns(ev, folder / "eval.json", warnings)
+    files = RunFolder(folder)
+    ev = read_json_file(files.eval_json, warnings, "eval file")
+    result = None if ev is None else eval_columns(ev, files.eval_json, warnings)
     if result is None:
         # `rlp ablate` records a failed evaluation in eval_status.json: show it instead of hiding the base row.
-        status = read_json_file(folder / "eval_status.json", warnings, "eval status file") or {}
+        status = read_json_file(files.eval_status_file, warnings, "eval status file") or {}
         if status.get("status") != "failed":
             return None
         return Run(kind="base", folder=os.path.relpath(folder, root), name=folder.name, status="eval failed",
                    error=status.get("error"), arm=f"base ({folder.name})")
     model = (ev.get("model") or {}).get("target") or folder.name
-    result.items = read_eval_items(folder / "eval_samples.jsonl", warnings)
+    result.items = read_eval_items(files.eval_samples, warnings)
     return Run(kind="base", folder=os.path.relpath(folder, root), name=folder.name, status="completed", model=model,
                arm=f"base ({model})", eval=result)
 
@@ -236,24 +239,24 @@ def scan(results_dir: Path, warnings: list[str]) -> dict[str, Ablation]:
     def ablation_for(folder: Path) -> Ablation:
         key = os.path.relpath(folder, root) if folder != root else root.resolve().name  # named, never "."
         if key not in ablations:
-            raw = read_json_file(folder / "manifest.json", warnings, "manifest")
-            manifest = None if raw is None else Manifest.parse(raw, folder / "manifest.json", warnings)
+            raw = read_json_file(folder / MANIFEST_FILE, warnings, "manifest")
+            manifest = None if raw is None else Manifest.parse(raw, folder / MANIFEST_FILE, warnings)
             ablations[key] = Ablation(key, folder, manifest)
         return ablations[key]
 
     for dirpath, dirnames, filenames in os.walk(root):
         folder = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".") and not d.endswith(".tmp"))
-        if "config.yaml" in filenames and "status.json" in filenames:
+        if RunFolder.CONFIG in filenames and RunFolder.STATUS in filenames:
             dirnames[:] = []  # a run folder holds no further runs
             run = read_run(folder, root, warnings)
             if run is not None:
                 ablation_for(folder.parent if folder != root else folder).runs.append(run)
-        elif "eval.json" in filenames or "eval_status.json" in filenames:
+        elif RunFolder.EVAL in filenames or RunFolder.EVAL_STATUS in filenames:
             run = read_model_eval(folder, root, warnings)
             if run is not None:
                 ablation_for(folder.parent if folder != root else folder).runs.append(run)
-        elif "manifest.json" in filenames:
+        elif MANIFEST_FILE in filenames:
             ablation_for(folder)
     for ab in ablations.values():
         if ab.manifest:
@@ -285,7 +288,7 @@ def add_manifest_rows(ab: Ablation, root: Path, warnings: list[str]) -> None:
                                model=model, arm=f"base ({model})", listed_only=True))
     for run in ab.trained:
         if run.manifest_order is None:
-            warnings.append(f"{ab.folder / run.name}: a run folder that {ab.folder / 'manifest.json'} does not list "
+            warnings.append(f"{ab.folder / run.name}: a run folder that {ab.folder / MANIFEST_FILE} does not list "
                             "(retired or foreign); shown under its own name")
             run.arm = run.name
 
