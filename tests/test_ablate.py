@@ -136,8 +136,8 @@ def test_baseline_by_axis_values_and_errors(tmp_path):
 
 
 def test_slots_share_cores_and_devices(monkeypatch):
-    monkeypatch.setattr("rlp_cli.ablate.cpu_count", lambda: 8)
-    monkeypatch.setattr("rlp_cli.ablate.memory_gb", lambda: 64)
+    monkeypatch.setattr("rlp_cli.ablate.scheduler.cpu_count", lambda: 8)
+    monkeypatch.setattr("rlp_cli.ablate.scheduler.memory_gb", lambda: 64)
     monkeypatch.delenv("RLP_NUM_THREADS", raising=False)
     slots = make_slots("cpu", None, 10)
     assert len(slots) == 8 and {s.env["RLP_NUM_THREADS"] for s in slots} == {"1"}  # one run per core
@@ -145,7 +145,7 @@ def test_slots_share_cores_and_devices(monkeypatch):
     assert [s.env["RLP_NUM_THREADS"] for s in make_slots("cpu", 3, 2)] == ["4", "4"]  # never more slots than jobs
     assert [s.env["OMP_NUM_THREADS"] for s in make_slots("cpu", 2, 9)] == ["4", "4"]  # the cores shared out
     assert len(make_slots("cpu", 64, 100)) == 8  # never oversubscribed
-    monkeypatch.setattr("rlp_cli.ablate.memory_gb", lambda: 12)
+    monkeypatch.setattr("rlp_cli.ablate.scheduler.memory_gb", lambda: 12)
     assert len(make_slots("cpu", None, 10)) == 3  # as many as memory allows
     monkeypatch.setenv("RLP_NUM_THREADS", "1")
     assert [s.env["RLP_NUM_THREADS"] for s in make_slots("cpu", 2, 2)] == ["1", "1"]  # an explicit cap holds

@@ -1,0 +1,326 @@
+"""The scheduler: one child process per run (`rlp train`, then `rlp eval`) or per base-model evaluation, slots per
+GPU or per share of the CPU cores, a live table, Ctrl-C that leaves every run resumable.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from rlp_cli import runio
+from rlp_cli.ablate.plan import Run
+from rlp_cli.ablate.store import EvalWanted, write_eval_marker
+from rlp_cli.errors import UserError
+from rlp_cli.runfolder import RunFolder
+
+console = Console()
+err_console = Console(stderr=True)
+
+TERMINATE_GRACE_S = 20.0  # a child gets this long after SIGINT to write "interrupted" before SIGTERM / SIGKILL
+POLL_S = 0.5
+RUN_MEMORY_GB = 4  # a smollm2-135m RLP run on CPU: weights, AdamW state, EMA teacher, activations (~3 GB)
+
+
+@dataclass
+class Slot:
+    label: str  # cpu | cuda:N
+    env: dict[str, str]
+    busy: bool = False
+
+
+@dataclass
+class Job:
+    """One run (or the base-model evaluation) and its remaining phases: ["train", "eval"]."""
+
+    name: str
+    folder: Path
+    phases: list[str]
+    run: Run | None = None
+    model: str | None = None  # base-model evaluation: the model spec to evaluate
+    eval_sets: list[str] = field(default_factory=list)  # base-model evaluation: run-config keys for `rlp eval --set`
+    state: str = "queued"  # queued | train | eval | done | failed | interrupted
+    proc: subprocess.Popen | None = None
+    slot: Slot | None = None
+    log_fh: Any = None
+    started: float = 0.0
+    finished: float = 0.0
+    error: str = ""
+
+
+def memory_gb() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**30
+    except (ValueError, OSError, AttributeError):
+        return RUN_MEMORY_GB
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+def make_slots(devices: str | None, jobs: int | None, n_jobs: int) -> list[Slot]:
+    """GPUs: one slot per device (CUDA_VISIBLE_DEVICES in the child). CPU: the cores shared out, never
+    oversubscribed."""
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs {jobs}: must be at least 1.")
+    cores = cpu_count()
+    spec = (devices or "auto").strip()
+    if spec == "auto":
+        gpus = visible_gpus()
+    elif spec == "cpu":
+        gpus = []
+    else:
+        gpus = [d.strip() for d in spec.split(",") if d.strip()]
+        if not gpus or not all(d.isdigit() for d in gpus):
+            raise UserError(f"--devices {devices}: expected `cpu`, `auto` or GPU ids like 0,1.")
+    if gpus:
+        n = jobs or len(gpus)
+        threads = max(1, cores // n)
+        devices_in_turn = [gpus[i % len(gpus)] for i in range(n)]
+        return [Slot(f"cuda:{d}", _thread_env(threads) | {"CUDA_VISIBLE_DEVICES": d}) for d in devices_in_turn]
+    # By default one run per core: a small model gains little from more threads (two 1-thread runs beat one
+    # 2-thread run), as many as memory allows at ~RUN_MEMORY_GB each.
+    n = jobs or max(1, min(cores, memory_gb() // RUN_MEMORY_GB))
+    if n > cores:
+        err_console.print(f"[yellow]--jobs {n} > {cores} CPU cores[/yellow]: running {cores} at a time "
+                          "(more would oversubscribe the cores).")
+        n = cores
+    n = max(1, min(n, n_jobs))
+    threads = max(1, cores // n)
+    cap = int(os.environ.get("RLP_NUM_THREADS", "0") or 0)
+    if cap:
+        threads = min(threads, cap)  # an explicit per-process limit in the environment is respected
+    return [Slot("cpu", _thread_env(threads) | {"CUDA_VISIBLE_DEVICES": ""}) for _ in range(n)]
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    return {"RLP_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if `rlp ablate` dies (even by kill -9), so no orphan keeps training."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def eval_available() -> bool:
+    """Whether an `eval` command is registered (it lives in rlp_cli/evaluate.py)."""
+    from rlp_cli.cli import app
+
+    return any((c.name or getattr(c.callback, "__name__", "")) == "eval" for c in app.registered_commands)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+class Scheduler:
+    def __init__(self, jobs: list[Job], slots: list[Slot], want: EvalWanted | None, fail_fast: bool):
+        self.queue = list(jobs)
+        self.jobs = list(jobs)
+        self.slots = slots
+        self.want = want
+        self.fail_fast = fail_fast
+        self.stopping = False
+        self.live = None
+
+    # -- child processes
+
+    def argv(self, job: Job, phase: str) -> list[str]:
+        cli = [sys.executable, "-m", "rlp_cli.cli"]
+        if phase == "train":
+            return cli + ["train", str(RunFolder(job.folder).config), "--out", str(job.folder), "--no-progress"]
+        settings = [arg for item in self.want.settings for arg in ("--set", item)]
+        if job.model is not None:  # the untrained base model
+            return cli + ["eval", job.model, "--suite", self.want.suite, "--out", str(RunFolder(job.folder).eval_json),
+                          *settings, *[arg for item in job.eval_sets for arg in ("--set", item)]]
+        return cli + ["eval", str(job.folder), "--suite", self.want.suite, *settings]
+
+    def start(self, job: Job, slot: Slot) -> None:
+        phase = job.phases.pop(0)
+        job.folder.mkdir(parents=True, exist_ok=True)
+        if phase == "train":
+            runio.write_yaml(RunFolder(job.folder).config, job.run.config.to_dict())
+        log = RunFolder(job.folder).log(phase)
+        job.log_fh = open(log, "a")
+        argv = self.argv(job, phase)
+        job.log_fh.write(f"\n=== rlp ablate {runio.now()} on {slot.label} "
+                         f"({slot.env['RLP_NUM_THREADS']} threads): {' '.join(argv)}\n")
+        job.log_fh.flush()
+        env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
+        job.proc = subprocess.Popen(argv, stdout=job.log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True,  # Ctrl-C reaches us; we stop children cleanly
+                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        job.state, job.slot, job.started = phase, slot, job.started or time.time()
+        slot.busy = True
+        self.say(f"[cyan]start[/cyan] {job.name} ({phase}) on {slot.label}")
+
+    def finish(self, job: Job, returncode: int) -> None:
+        phase = job.state
+        job.log_fh.close()
+        job.proc = None
+        ok = returncode == 0
+        if phase == "train":
+            status = RunFolder(job.folder).read_status()
+            ok = ok and status.get("status") == "completed"
+            error = status.get("error") or f"exit code {returncode}"
+        else:
+            error = f"`rlp eval` exit code {returncode}"
+            write_eval_marker(job.folder, self.want, ok, "" if ok else error)
+        if ok and job.phases:
+            self.start(job, job.slot)  # same slot, next phase
+            return
+        job.slot.busy = False
+        job.finished = time.time()
+        if ok:
+            job.state = "done"
+            self.say(f"[green]done[/green] {job.name} in {job.finished - job.started:.0f} s")
+            return
+        job.state, job.error = "failed", error
+        log = RunFolder(job.folder).log(phase)
+        from rich.markup import escape  # a log line like "[run] step 3" is not rich markup
+
+        self.say(f"[bold red]failed[/bold red] {job.name} ({phase}): {escape(error)}\n"
+                 f"[dim]--- last lines of {log} ---[/dim]\n{escape(log_tail(log))}")
+        if self.fail_fast:
+            self.say("[red]--fail-fast: stopping the other runs (they stay resumable)[/red]")
+            self.stopping = True
+
+    def stop_children(self) -> None:
+        """SIGINT (the trainer records `interrupted`), then SIGTERM, then SIGKILL: every run stays resumable."""
+        active = [j for j in self.jobs if j.proc is not None]
+        for sig, grace in ((signal.SIGINT, TERMINATE_GRACE_S), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            for job in active:
+                if job.proc.poll() is None:
+                    try:
+                        os.killpg(job.proc.pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.time() + grace
+            while time.time() < deadline and any(j.proc.poll() is None for j in active):
+                time.sleep(0.1)
+            if all(j.proc.poll() is not None for j in active):
+                break
+        for job in active:
+            job.log_fh.close()
+            job.proc = None
+            job.slot.busy = False
+            job.state = "interrupted"
+
+    # -- the loop
+
+    def run(self) -> None:
+        """Start jobs on free slots until the queue is empty; Ctrl-C, SIGTERM or SIGHUP stops every child cleanly."""
+        # SIGTERM (a scheduler, kill) and SIGHUP (the terminal closed) stop the grid as Ctrl-C does
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        live = None
+        try:
+            if console.is_terminal:
+                from rich.live import Live
+
+                live = self.live = Live(self.table(), console=console, refresh_per_second=2, transient=False)
+                live.start()
+            while True:
+                for job in self.jobs:
+                    if job.proc is not None and (rc := job.proc.poll()) is not None:
+                        self.finish(job, rc)
+                if self.stopping:
+                    self.stop_children()
+                    break
+                for slot in self.slots:
+                    if not slot.busy and self.queue:
+                        self.start(self.queue.pop(0), slot)
+                if not self.queue and all(j.proc is None for j in self.jobs):
+                    break
+                if live is not None:
+                    live.update(self.table())
+                time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            self.say("[yellow]interrupted: stopping the running children; every run stays resumable[/yellow]")
+            try:
+                self.stop_children()
+            except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+                for job in self.jobs:
+                    if job.proc is not None and job.proc.poll() is None:
+                        os.killpg(job.proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            if live is not None:
+                live.update(self.table())
+                live.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def say(self, message: str) -> None:
+        (self.live.console if self.live else console).print(message, highlight=False)
+
+    # -- the live table
+
+    def table(self):
+        from rich.table import Table
+
+        table = Table(title="rlp ablate", title_justify="left")
+        for col in ("run", "status", "step", "reward / loss", "ETA", "device"):
+            table.add_column(col)
+        colors = {"done": "green", "failed": "red", "train": "cyan", "eval": "cyan", "interrupted": "yellow"}
+        for job in self.jobs:
+            step, value, eta = self.progress(job)
+            state = {"train": "training", "eval": "evaluating"}.get(job.state, job.state)
+            table.add_row(job.name, f"[{colors.get(job.state, 'white')}]{state}", step, value, eta,
+                          job.slot.label if job.slot and job.proc else "")
+        return table
+
+    def progress(self, job: Job) -> tuple[str, str, str]:
+        if job.run is None or job.state not in ("train", "eval", "done", "interrupted"):
+            return "", "", ""
+        row = RunFolder(job.folder).last_metrics()
+        if not row:
+            return "0", "", ""
+        value = f"{row['reward']:+.4f}" if "reward" in row else (f"{row['loss']:.3f}" if "loss" in row else "")
+        cfg = job.run.config.budget
+        tokens = row.get("input_tokens") or 0
+        total = cfg.steps
+        if cfg.input_tokens and tokens:
+            by_tokens = math.ceil(cfg.input_tokens * row["step"] / tokens)
+            total = min(total, by_tokens) if total else by_tokens
+        step_text = f"{row['step']}/{total or '?'}"
+        eta = ""
+        if job.state == "train" and total and row.get("step_time"):
+            eta = f"{max(0, total - row['step']) * row['step_time']:.0f} s"
+        return step_text, value, eta
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
