@@ -5,8 +5,8 @@ The files follow the data:
     preset.py     an ablation file -> Preset (the schema; finding a preset by name; reading it and its base config)
     plan.py       Preset -> Plan: every run resolved, its id and folder name, FLOP-matched keys (pure: no I/O)
     store.py      the results folder: manifest.json and the changed-grid check, the .lock, each run's state
-    scheduler.py  jobs -> child processes (`rlp train`, then `rlp eval`) in slots (GPUs or shares of the CPU
-                  cores), a live table, Ctrl-C that leaves every run resumable
+    scheduler.py  jobs -> child processes (`rlp train`, then `rlp eval`) through a Backend (local: GPU slots or
+                  CPU shares), a live table, Ctrl-C that leaves every run resumable
     command.py    `rlp ablate` (plan -> store -> scheduler -> summary), and what `rlp validate` / `rlp ls` use
 
 The files of a run folder are named in rlp_cli/runfolder.py. Nothing here imports torch at module level, so

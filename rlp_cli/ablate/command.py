@@ -17,7 +17,7 @@ from rich.console import Console
 
 from rlp_cli.ablate.plan import Plan, Run, base_eval_overrides, base_model_dirs, expand
 from rlp_cli.ablate.preset import load_preset, preset_paths
-from rlp_cli.ablate.scheduler import Job, Scheduler, eval_available, make_slots
+from rlp_cli.ablate.scheduler import Job, LocalBackend, Scheduler, eval_available, make_slots
 from rlp_cli.ablate.store import (EvalWanted, FolderLock, eval_done, eval_failed, format_changes, grid_changes,
                                   read_manifest, run_state, train_done, write_manifest)
 from rlp_cli.config import read_text
@@ -159,10 +159,9 @@ def run_ablation(source: str, out: Path = Path("results"), dry_run: bool = False
             err_console.print(f"[yellow]skipped[/yellow] {name}: another process is training it right now.")
         scheduler = None
         if jobs_list:
-            slots = make_slots(devices, jobs, len(jobs_list))
-            console.print(f"slots: {len(slots)} x {slots[0].label} ({slots[0].env['RLP_NUM_THREADS']} threads each)",
-                          highlight=False)
-            scheduler = Scheduler(jobs_list, slots, want, fail_fast)
+            backend = LocalBackend(make_slots(devices, jobs, len(jobs_list)))
+            console.print(backend.describe(), highlight=False)
+            scheduler = Scheduler(jobs_list, backend, want, fail_fast)
             scheduler.run()
 
         failed = [j.name for j in (scheduler.jobs if scheduler else []) if j.state == "failed"]

@@ -1,5 +1,9 @@
-"""The scheduler: one child process per run (`rlp train`, then `rlp eval`) or per base-model evaluation, slots per
-GPU or per share of the CPU cores, a live table, Ctrl-C that leaves every run resumable.
+"""The scheduler: one job per run (its phases `rlp train`, then `rlp eval`) or per base-model evaluation, run
+by a backend, with a live table; Ctrl-C, SIGTERM and SIGHUP stop every child so that each run stays resumable.
+
+A backend decides where a phase runs and owns the processes (the `Backend` protocol below); the scheduler
+decides what runs next and what a finished phase means. `LocalBackend` runs child processes on this machine:
+one slot per GPU, or the CPU cores shared out between slots (`make_slots`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Protocol
 
 from rich.console import Console
 
@@ -30,14 +34,7 @@ POLL_S = 0.5
 RUN_MEMORY_GB = 4  # a smollm2-135m RLP run on CPU: weights, AdamW state, EMA teacher, activations (~3 GB)
 
 
-@dataclass
-class Slot:
-    label: str  # cpu | cuda:N
-    env: dict[str, str]
-    busy: bool = False
-
-
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: a backend keys its children by job
 class Job:
     """One run (or the base-model evaluation) and its remaining phases: ["train", "eval"]."""
 
@@ -48,12 +45,52 @@ class Job:
     model: str | None = None  # base-model evaluation: the model spec to evaluate
     eval_sets: list[str] = field(default_factory=list)  # base-model evaluation: run-config keys for `rlp eval --set`
     state: str = "queued"  # queued | train | eval | done | failed | interrupted
-    proc: subprocess.Popen | None = None
-    slot: Slot | None = None
-    log_fh: Any = None
     started: float = 0.0
     finished: float = 0.0
     error: str = ""
+
+
+class Backend(Protocol):
+    """Where the phases of jobs run. A job keeps its place from one phase to the next until it is released."""
+
+    def describe(self) -> str:
+        """One line for the user: where the jobs will run."""
+
+    def has_room(self) -> bool:
+        """Whether a new job can start now."""
+
+    def submit(self, job: Job, phase: str, argv: list[str]) -> str:
+        """Start one phase of a job (the command line `argv`, its output to the phase's log in the run folder);
+        a job that goes on to its next phase keeps its place. Returns where it runs, e.g. `cuda:0`."""
+
+    def poll(self) -> list[tuple[Job, int]]:
+        """The phases that ended since the last call, with their exit codes."""
+
+    def release(self, job: Job) -> None:
+        """The job has no phase left to run here: free its place."""
+
+    def where(self, job: Job) -> str:
+        """Where the job's current phase runs; empty when none is running."""
+
+    def running(self) -> bool:
+        """Whether any phase is running (or has ended and was not polled yet)."""
+
+    def stop(self) -> list[Job]:
+        """Stop every running phase so that it stays resumable; returns those jobs, their places freed."""
+
+    def kill(self) -> None:
+        """Stop every running phase at once (a second Ctrl-C)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The local backend: child processes on this machine, in slots
+
+
+@dataclass
+class Slot:
+    label: str  # cpu | cuda:N
+    env: dict[str, str]
+    busy: bool = False
 
 
 def memory_gb() -> int:
@@ -131,6 +168,92 @@ def _die_with_parent() -> None:
         pass
 
 
+@dataclass
+class _Child:
+    slot: Slot
+    proc: subprocess.Popen | None = None
+    log_fh: IO[str] | None = None
+
+
+class LocalBackend:
+    """Child processes on this machine, one per slot; a job keeps its slot for all its phases."""
+
+    def __init__(self, slots: list[Slot]):
+        self.slots = slots
+        self.children: dict[Job, _Child] = {}  # a job with a slot; proc is None between two of its phases
+
+    def describe(self) -> str:
+        return f"slots: {len(self.slots)} x {self.slots[0].label} ({self.slots[0].env['RLP_NUM_THREADS']} threads each)"
+
+    def has_room(self) -> bool:
+        return any(not s.busy for s in self.slots)
+
+    def submit(self, job: Job, phase: str, argv: list[str]) -> str:
+        child = self.children.get(job)
+        if child is None:
+            child = self.children[job] = _Child(next(s for s in self.slots if not s.busy))
+        slot = child.slot
+        child.log_fh = open(RunFolder(job.folder).log(phase), "a")
+        child.log_fh.write(f"\n=== rlp ablate {runio.now()} on {slot.label} "
+                           f"({slot.env['RLP_NUM_THREADS']} threads): {' '.join(argv)}\n")
+        child.log_fh.flush()
+        env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
+        child.proc = subprocess.Popen(argv, stdout=child.log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env=env, start_new_session=True,  # Ctrl-C reaches us; we stop children cleanly
+                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        slot.busy = True
+        return slot.label
+
+    def poll(self) -> list[tuple[Job, int]]:
+        ended = []
+        for job, child in self.children.items():
+            if child.proc is not None and (rc := child.proc.poll()) is not None:
+                child.log_fh.close()
+                child.proc = None
+                ended.append((job, rc))
+        return ended
+
+    def release(self, job: Job) -> None:
+        self.children.pop(job).slot.busy = False
+
+    def where(self, job: Job) -> str:
+        child = self.children.get(job)
+        return child.slot.label if child is not None and child.proc is not None else ""
+
+    def running(self) -> bool:
+        return any(c.proc is not None for c in self.children.values())
+
+    def stop(self) -> list[Job]:
+        """SIGINT (the trainer records `interrupted`), then SIGTERM, then SIGKILL."""
+        active = [(job, c) for job, c in self.children.items() if c.proc is not None]
+        for sig, grace in ((signal.SIGINT, TERMINATE_GRACE_S), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            for _, child in active:
+                if child.proc.poll() is None:
+                    try:
+                        os.killpg(child.proc.pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.time() + grace
+            while time.time() < deadline and any(c.proc.poll() is None for _, c in active):
+                time.sleep(0.1)
+            if all(c.proc.poll() is not None for _, c in active):
+                break
+        for job, child in active:
+            child.log_fh.close()
+            child.proc = None
+            self.release(job)
+        return [job for job, _ in active]
+
+    def kill(self) -> None:
+        for child in self.children.values():
+            if child.proc is not None and child.proc.poll() is None:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler
+
+
 def eval_available() -> bool:
     """Whether an `eval` command is registered (it lives in rlp_cli/evaluate.py)."""
     from rlp_cli.cli import app
@@ -147,50 +270,39 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 class Scheduler:
-    def __init__(self, jobs: list[Job], slots: list[Slot], want: EvalWanted | None, fail_fast: bool):
+    def __init__(self, jobs: list[Job], backend: Backend, want: EvalWanted | None, fail_fast: bool):
         self.queue = list(jobs)
         self.jobs = list(jobs)
-        self.slots = slots
+        self.backend = backend
         self.want = want
         self.fail_fast = fail_fast
         self.stopping = False
         self.live = None
 
-    # -- child processes
+    # -- one phase of a job
 
     def argv(self, job: Job, phase: str) -> list[str]:
         cli = [sys.executable, "-m", "rlp_cli.cli"]
+        folder = RunFolder(job.folder)
         if phase == "train":
-            return cli + ["train", str(RunFolder(job.folder).config), "--out", str(job.folder), "--no-progress"]
+            return cli + ["train", str(folder.config), "--out", str(job.folder), "--no-progress"]
         settings = [arg for item in self.want.settings for arg in ("--set", item)]
         if job.model is not None:  # the untrained base model
-            return cli + ["eval", job.model, "--suite", self.want.suite, "--out", str(RunFolder(job.folder).eval_json),
+            return cli + ["eval", job.model, "--suite", self.want.suite, "--out", str(folder.eval_json),
                           *settings, *[arg for item in job.eval_sets for arg in ("--set", item)]]
         return cli + ["eval", str(job.folder), "--suite", self.want.suite, *settings]
 
-    def start(self, job: Job, slot: Slot) -> None:
+    def start(self, job: Job) -> None:
         phase = job.phases.pop(0)
         job.folder.mkdir(parents=True, exist_ok=True)
         if phase == "train":
             runio.write_yaml(RunFolder(job.folder).config, job.run.config.to_dict())
-        log = RunFolder(job.folder).log(phase)
-        job.log_fh = open(log, "a")
-        argv = self.argv(job, phase)
-        job.log_fh.write(f"\n=== rlp ablate {runio.now()} on {slot.label} "
-                         f"({slot.env['RLP_NUM_THREADS']} threads): {' '.join(argv)}\n")
-        job.log_fh.flush()
-        env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
-        job.proc = subprocess.Popen(argv, stdout=job.log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, start_new_session=True,  # Ctrl-C reaches us; we stop children cleanly
-                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        job.state, job.slot, job.started = phase, slot, job.started or time.time()
-        slot.busy = True
-        self.say(f"[cyan]start[/cyan] {job.name} ({phase}) on {slot.label}")
+        where = self.backend.submit(job, phase, self.argv(job, phase))
+        job.state, job.started = phase, job.started or time.time()
+        self.say(f"[cyan]start[/cyan] {job.name} ({phase}) on {where}")
 
     def finish(self, job: Job, returncode: int) -> None:
         phase = job.state
-        job.log_fh.close()
-        job.proc = None
         ok = returncode == 0
         if phase == "train":
             status = RunFolder(job.folder).read_status()
@@ -200,9 +312,9 @@ class Scheduler:
             error = f"`rlp eval` exit code {returncode}"
             write_eval_marker(job.folder, self.want, ok, "" if ok else error)
         if ok and job.phases:
-            self.start(job, job.slot)  # same slot, next phase
+            self.start(job)  # same place, next phase
             return
-        job.slot.busy = False
+        self.backend.release(job)
         job.finished = time.time()
         if ok:
             job.state = "done"
@@ -219,33 +331,19 @@ class Scheduler:
             self.stopping = True
 
     def stop_children(self) -> None:
-        """SIGINT (the trainer records `interrupted`), then SIGTERM, then SIGKILL: every run stays resumable."""
-        active = [j for j in self.jobs if j.proc is not None]
-        for sig, grace in ((signal.SIGINT, TERMINATE_GRACE_S), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            for job in active:
-                if job.proc.poll() is None:
-                    try:
-                        os.killpg(job.proc.pid, sig)
-                    except ProcessLookupError:
-                        pass
-            deadline = time.time() + grace
-            while time.time() < deadline and any(j.proc.poll() is None for j in active):
-                time.sleep(0.1)
-            if all(j.proc.poll() is not None for j in active):
-                break
-        for job in active:
-            job.log_fh.close()
-            job.proc = None
-            job.slot.busy = False
+        """Every running phase is stopped resumably (see Backend.stop) and its job marked interrupted."""
+        for job in self.backend.stop():
             job.state = "interrupted"
 
     # -- the loop
 
     def run(self) -> None:
-        """Start jobs on free slots until the queue is empty; Ctrl-C, SIGTERM or SIGHUP stops every child cleanly."""
+        """Start jobs while the backend has room until the queue is empty; Ctrl-C, SIGTERM or SIGHUP stops every
+        child cleanly."""
         # SIGTERM (a scheduler, kill) and SIGHUP (the terminal closed) stop the grid as Ctrl-C does
         previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
         live = None
+        order = {id(job): i for i, job in enumerate(self.jobs)}
         try:
             if console.is_terminal:
                 from rich.live import Live
@@ -253,16 +351,14 @@ class Scheduler:
                 live = self.live = Live(self.table(), console=console, refresh_per_second=2, transient=False)
                 live.start()
             while True:
-                for job in self.jobs:
-                    if job.proc is not None and (rc := job.proc.poll()) is not None:
-                        self.finish(job, rc)
+                for job, rc in sorted(self.backend.poll(), key=lambda ended: order[id(ended[0])]):
+                    self.finish(job, rc)
                 if self.stopping:
                     self.stop_children()
                     break
-                for slot in self.slots:
-                    if not slot.busy and self.queue:
-                        self.start(self.queue.pop(0), slot)
-                if not self.queue and all(j.proc is None for j in self.jobs):
+                while self.queue and self.backend.has_room():
+                    self.start(self.queue.pop(0))
+                if not self.queue and not self.backend.running():
                     break
                 if live is not None:
                     live.update(self.table())
@@ -272,9 +368,7 @@ class Scheduler:
             try:
                 self.stop_children()
             except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
-                for job in self.jobs:
-                    if job.proc is not None and job.proc.poll() is None:
-                        os.killpg(job.proc.pid, signal.SIGKILL)
+                self.backend.kill()
             raise
         finally:
             if live is not None:
@@ -299,7 +393,7 @@ class Scheduler:
             step, value, eta = self.progress(job)
             state = {"train": "training", "eval": "evaluating"}.get(job.state, job.state)
             table.add_row(job.name, f"[{colors.get(job.state, 'white')}]{state}", step, value, eta,
-                          job.slot.label if job.slot and job.proc else "")
+                          self.backend.where(job))
         return table
 
     def progress(self, job: Job) -> tuple[str, str, str]:
