@@ -10,7 +10,7 @@ The files follow the data:
     command.py    `rlp ablate` (plan -> store -> scheduler -> summary), and what `rlp validate` / `rlp ls` use
 
 The files of a run folder are named in rlp_cli/runfolder.py. Nothing here imports torch at module level, so
-`rlp --help` stays fast.
+`rlp --help` stays fast; nothing here imports rlp_cli.cli.
 """
 
 from rlp_cli.ablate.command import preset_descriptions, register, validate_ablation

@@ -8,6 +8,7 @@ one slot per GPU, or the CPU cores shared out between slots (`make_slots`).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import signal
@@ -255,10 +256,8 @@ class LocalBackend:
 
 
 def eval_available() -> bool:
-    """Whether an `eval` command is registered (it lives in rlp_cli/evaluate.py)."""
-    from rlp_cli.cli import app
-
-    return any((c.name or getattr(c.callback, "__name__", "")) == "eval" for c in app.registered_commands)
+    """Whether `rlp eval` is part of this installation (its command lives in rlp_cli/evaluate.py)."""
+    return importlib.util.find_spec("rlp_cli.evaluate") is not None
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
