@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU wheel of torch 2.13.0 lies on disk on our machines; GPU users: `make install TORCH_SPEC=` keeps their own torch.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -27,13 +28,18 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/rlp train default --out runs/demo
 
-test: install
+# The tests also exercise the Ray and Slurm (submitit) backends of `rlp ablate`: their extras come with them.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,ray,slurm]"
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
 
-test-gpu: install
+test-gpu: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
 
 bench: install

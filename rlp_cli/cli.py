@@ -37,7 +37,7 @@ def train(
 ):
     """Train one model. Re-running the same command resumes from the last checkpoint."""
     from rlp_cli.config import load_config
-    from rlp_cli.train import train as run_training
+    from rlp_cli.run import train as run_training
 
     overrides = list(set_ or []) + ([f"device={device}"] if device else [])
     cfg = load_config(config, overrides)

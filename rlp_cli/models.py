@@ -216,6 +216,17 @@ def load_model(name: str, dtype: str = "float32", device: str | torch.device = "
                        source=str(directory))
 
 
+@dataclass
+class TokenClasses:
+    """What the sampler must know about the vocabulary, built once per tokenizer (token_classes below)."""
+    banned: torch.Tensor  # ids the policy never emits: EOS, chat-control and other special tokens, <think>
+    word_start: torch.Tensor  # [V] bool: the token's text begins with white space (a new word starts)
+    blank: torch.Tensor  # [V] bool: the token's text is only white space
+
+    def to(self, device) -> "TokenClasses":
+        return TokenClasses(self.banned.to(device), self.word_start.to(device), self.blank.to(device))
+
+
 def token_classes(tok, think_open_id: int, think_close_id: int, vocab_size: int | None = None):
     """The vocabulary classes the sampler needs: tokens a thought may not contain, and word boundaries.
 
@@ -223,7 +234,6 @@ def token_classes(tok, think_open_id: int, think_close_id: int, vocab_size: int 
     tokens such as <|im_start|>) except </think>, and <think> itself: a small instruct model otherwise
     ends the document or opens a chat turn mid-thought.
     """
-    from rlp_cli.rollout import TokenClasses
 
     vocab_size = vocab_size or len(tok)
     special = set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rlp_cli.models import forward
+from rlp_cli.models import TokenClasses, forward
 
 
 @dataclass
@@ -323,17 +323,6 @@ def _compact(tokens: torch.Tensor, keep: torch.Tensor, actions: torch.Tensor, lo
         return out.scatter_(1, target, values)[:, :width].contiguous()
 
     return put(tokens, pad_id), put(keep.long(), 0), put(actions.long(), 0), put(logps, 0.0)
-
-
-@dataclass
-class TokenClasses:
-    """What the sampler must know about the vocabulary, built once per tokenizer (models.token_classes)."""
-    banned: torch.Tensor  # ids the policy never emits: EOS, chat-control and other special tokens, <think>
-    word_start: torch.Tensor  # [V] bool: the token's text begins with white space (a new word starts)
-    blank: torch.Tensor  # [V] bool: the token's text is only white space
-
-    def to(self, device) -> "TokenClasses":
-        return TokenClasses(self.banned.to(device), self.word_start.to(device), self.blank.to(device))
 
 
 @torch.no_grad()

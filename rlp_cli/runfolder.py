@@ -5,6 +5,7 @@ logs and the evaluation marker; `rlp report` reads them all:
 
     RUN/config.yaml           the resolved run config (a resume refuses a different one)
         status.json           running | interrupted | failed | completed, step, pid, totals
+        lease.json            while a process trains it: host, pid, refreshed every 30 s (a re-run skips it)
         provenance.json       git commit, package versions, host, the step a resume started from
         metrics.jsonl         one row per step (and the step-0 probe row)
         samples.jsonl         logged thoughts and their rewards, every few steps
@@ -53,6 +54,7 @@ class RunFolder:
     FINAL_TMP: ClassVar[str] = "final.tmp"
     EVAL: ClassVar[str] = "eval.json"
     EVAL_STATUS: ClassVar[str] = "eval_status.json"
+    LEASE: ClassVar[str] = "lease.json"  # while a process trains the run: its host and pid, refreshed (runio.Lease)
     TRAIN_LOG: ClassVar[str] = "train.log"
     EVAL_LOG: ClassVar[str] = "eval.log"
     TRAINING_LOGS: ClassVar[tuple[str, ...]] = (METRICS, SAMPLES, PROBE)  # the jsonl files a step appends to
@@ -117,6 +119,14 @@ class RunFolder:
     @property
     def eval_status_file(self) -> Path:
         return self.path / self.EVAL_STATUS
+
+    @property
+    def lease(self) -> Path:
+        return self.path / self.LEASE
+
+    def lease_holder(self) -> dict | None:
+        """{host, pid, updated} of the process training this run right now, or None (see runio.lease_holder)."""
+        return runio.lease_holder(self.lease)
 
     @property
     def train_log(self) -> Path:

@@ -3,22 +3,17 @@
 `thought_policy_step` is one step of Algorithm 1 for any registered reward (RLP's information gain
 or RPT's matches); `ntp_step` is next-token continued pretraining (the paper's CPT baseline).
 `Trainer` owns the state a run needs to resume exactly (model, optimizer, EMA teacher, RNG states,
-data position) and `train()` writes the run folder:
-
-    config.yaml  metrics.jsonl  samples.jsonl  status.json  provenance.json  checkpoint/  final/
+data position); rlp_cli/run.py drives it step by step and writes the run folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
 import os
 import random
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +22,14 @@ import torch
 from rlp_cli import distributed
 from rlp_cli import objective as O
 from rlp_cli import runio
-from rlp_cli.config import TrainConfig, flatten
+from rlp_cli.config import TrainConfig
 from rlp_cli.data import (WindowStream, answer_positions, load_documents, select_positions, split_documents,
                           token_windows)
-from rlp_cli.errors import RunFailed, UserError, storage_failure
+from rlp_cli.errors import RunFailed, UserError
 from rlp_cli.faults import failpoint
-from rlp_cli.probe import Probe, probe_means
 from rlp_cli.models import configure_threads, forward, load_model, resolve_device, token_classes
 from rlp_cli.rewards import RewardInputs, get_reward
+from rlp_cli.runfolder import RunFolder
 from rlp_cli.rollout import (Context, context_logprobs, empty_thought_logprobs, naive_context_logprobs, naive_s_pred,
                              policy_logprobs, policy_update, sample_thoughts, thought_context, window_logprobs)
 
@@ -517,12 +512,18 @@ class Trainer:
         if not self.world.is_main:
             return
         directory.mkdir(parents=True, exist_ok=True)
-        path, tmp, sums = directory / "state.pt", directory / "state.pt.tmp", directory / "state.pt.sha256"
+        path, sums = directory / RunFolder.CHECKPOINT_STATE, directory / RunFolder.CHECKPOINT_SUMS
+        tmp = path.with_name(path.name + ".tmp")
         try:
-            with open(tmp, "wb") as fh:  # through a Python file, a full disk raises OSError(ENOSPC)
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                with open(tmp, "wb") as fh:  # through a Python file, a full disk raises OSError(ENOSPC)
+                    torch.save(state, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except RuntimeError as e:  # torch's zip writer can fail again while closing: the OSError is the cause
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
             failpoint("checkpoint-tmp-written", self.step)
             new = runio.sha256_of(tmp)
             runio.atomic_write_text(sums, "".join(f"{h}\n" for h in (new, self.checkpoint_sha256) if h))
@@ -534,7 +535,7 @@ class Trainer:
             tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self, directory: Path) -> bool:
-        path, sums = directory / "state.pt", directory / "state.pt.sha256"
+        path, sums = directory / RunFolder.CHECKPOINT_STATE, directory / RunFolder.CHECKPOINT_SUMS
         if not path.is_file():
             return False
         corrupt = (f"{path}: the checkpoint is corrupt ({{}}); resuming from it would silently continue another "
@@ -550,221 +551,3 @@ class Trainer:
         self.load_state_dict(state)
         self.checkpoint_sha256 = digest
         return True
-
-
-# --------------------------------------------------------------------------------------------
-# A run folder
-
-
-def _check_run_dir(out: Path, config: TrainConfig) -> str | None:
-    """Return the previous status of this folder, refusing a folder written by a different config."""
-    cfg_path = out / "config.yaml"
-    if cfg_path.exists():
-        import yaml
-
-        previous = yaml.safe_load(cfg_path.read_text())
-        current = config.to_dict()
-        if previous != current:
-            before, after = flatten(previous), flatten(current)
-            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-            raise UserError(f"{out}: this run folder was written by a different config (changed: {', '.join(changed)}); "
-                            "resuming would mix two runs. Fix: pass another --out, or delete the folder to start over.")
-    status = runio.read_json(out / "status.json", {})
-    return status.get("status")
-
-
-def _write_status(out: Path, status: str, **extra) -> None:
-    runio.write_json(out / "status.json", {"status": status, "updated": runio.now(), **extra})
-
-
-def _record_end(out: Path, status: str, **extra) -> None:
-    """The last status of a run that stops on an error; on a full disk even this may not fit."""
-    try:
-        _write_status(out, status, **extra)
-    except OSError:
-        pass
-
-
-def _clear_leftovers(out: Path) -> None:
-    """Temporary files of a process that was killed mid-write (kill -9, power loss): never read, so removed."""
-    import shutil
-
-    for tmp in list(out.glob("*.tmp")) + list(out.glob("checkpoint/*.tmp")):
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-
-
-class _Progress:
-    """A rich progress bar on a terminal, plain log lines otherwise (ablation children, CI)."""
-
-    def __init__(self, total: int | None, name: str, enabled: bool):
-        self.name, self.total = name, total
-        self.bar = None
-        self.last_print = 0.0
-        if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
-            self.task = self.bar.add_task(name, total=total, info="")
-            self.bar.start()
-        self.enabled = enabled
-
-    def update(self, m: dict) -> None:
-        info = f"reward {m.get('reward', float('nan')):+.4f}  " if "reward" in m else f"loss {m['loss']:.3f}  "
-        if "rlp/info_gain" in m:
-            info += f"info_gain {m['rlp/info_gain']:+.4f}  "
-        info += f"{m['step_time']:.2f}s/step"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=m["step"], info=info)
-        elif self.enabled and (time.time() - self.last_print > 10 or m["step"] == self.total):
-            self.last_print = time.time()
-            print(f"[{self.name}] step {m['step']}/{self.total or '?'}  {info}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _signal_as_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
-    """Train into out_dir, resuming from its checkpoint if one exists. Returns the final status."""
-    import signal
-    import threading
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    main = distributed.world_from_env().is_main
-    holder = runio.lease_holder(out / "lease.json") if main else None
-    if holder and holder.get("pid") != os.getpid():
-        raise UserError(f"{out}: this run is being trained right now by process {holder.get('pid')} on "
-                        f"{holder.get('host')} (its lease.json is fresh). Fix: wait for it, stop it, or pass another "
-                        "--out.")
-    # lease.json while this process works on the folder: a driver on another node, or a second
-    # `rlp ablate`, sees the run is taken (rank 0 holds it under torchrun)
-    with runio.Lease(out / "lease.json") if main else contextlib.nullcontext():
-        if threading.current_thread() is not threading.main_thread():
-            return _train(config, out, progress)
-        # a terminated run, or one whose terminal was closed, is marked resumable, not left "running"
-        previous = {sig: signal.signal(sig, _signal_as_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-        try:
-            return _train(config, out, progress)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
-    world = distributed.world_from_env()
-    main = world.is_main  # under torchrun only rank 0 writes the run folder; the others train and return
-    out.mkdir(parents=True, exist_ok=True)
-    previous = _check_run_dir(out, config)
-    if previous == "completed":
-        return runio.read_json(out / "status.json")
-    started = time.time()
-    trainer = None
-    try:
-        if main:
-            _clear_leftovers(out)
-            runio.write_yaml(out / "config.yaml", config.to_dict())
-            _write_status(out, "running", step=0, pid=os.getpid())
-        trainer = Trainer(config, out)
-        resumed = trainer.load_checkpoint(out / "checkpoint")
-        if main:
-            # A resumed run re-logs the steps after its checkpoint exactly once.
-            for name in ("metrics.jsonl", "samples.jsonl", "probe.jsonl"):
-                if resumed:
-                    runio.truncate_jsonl(out / name, trainer.step)
-                elif (out / name).exists():
-                    (out / name).unlink()
-            runio.write_json(out / "provenance.json", runio.provenance(
-                seed=config.seed, device=str(trainer.device), torch_threads=trainer.threads, world_size=world.size,
-                model_source=trainer.model_source, resumed_from_step=trainer.step if resumed else None,
-                n_params=sum(p.numel() for p in trainer.model.parameters()),
-                train_windows=len(trainer.stream.windows), heldout_documents=len(trainer.heldout_docs)))
-        probe_every = config.log.probe_every
-        probe = Probe(trainer) if main and probe_every and trainer.close_id is not None else None
-
-        def run_probe(metrics: dict) -> None:
-            row = probe.run(trainer.step)
-            runio.append_jsonl(out / "probe.jsonl", row)
-            metrics.update(probe_means(row))
-
-        if probe is not None and trainer.step == 0:
-            first = {"step": 0}
-            run_probe(first)
-            runio.append_jsonl(out / "metrics.jsonl", first)
-        bar = _Progress(config.budget.steps, config.name, progress and main)
-        try:
-            while not trainer.done():
-                metrics, sample = trainer.train_step()
-                if probe is not None and (trainer.step % probe_every == 0 or trainer.done()):
-                    run_probe(metrics)
-                if main:
-                    runio.append_jsonl(out / "metrics.jsonl", metrics)
-                    if sample is not None and (trainer.step == 1 or trainer.step % config.log.samples_every == 0):
-                        runio.append_jsonl(out / "samples.jsonl", {"step": trainer.step, **sample})
-                bar.update(metrics)
-                every = config.log.checkpoint_every
-                if every and trainer.step % every == 0 and not trainer.done():
-                    trainer.save_checkpoint(out / "checkpoint")
-                    if main:
-                        _write_status(out, "running", step=trainer.step, pid=os.getpid())
-        finally:
-            bar.close()
-        status = {"status": "completed", "updated": runio.now(), "step": trainer.step,
-                  "wall_time_s": round(time.time() - started, 2), **trainer.totals}
-        if not main:
-            return status
-        if config.log.save_final:
-            _save_final(trainer, out)
-        import shutil
-
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
-        runio.write_json(out / "status.json", status)
-        return status
-    except KeyboardInterrupt:
-        if main:
-            _record_end(out, "interrupted", error="interrupted by the user; run the same command again to resume")
-        raise
-    except (UserError, RunFailed) as e:
-        if main:
-            _record_end(out, "failed", error=str(e), step=getattr(e, "step", None))
-        raise
-    except OSError as e:
-        step = trainer.step if trainer is not None else 0
-        failure = storage_failure(e, f"writing {out} at step {step}")
-        if failure is None:
-            _record_end(out, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-            raise
-        failure.step = step
-        _record_end(out, "failed", error=str(failure), step=step)
-        raise failure from None
-    except Exception as e:
-        if main:
-            _record_end(out, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-        raise
-    finally:
-        distributed.stop(world)
-
-
-def _save_final(trainer: Trainer, out: Path) -> None:
-    """final/ appears whole or not at all (written as final.tmp/, then renamed)."""
-    import shutil
-
-    final_tmp = out / "final.tmp"
-    try:
-        trainer.model.save_pretrained(final_tmp)
-        trainer.tok.save_pretrained(final_tmp)
-    except BaseException:
-        shutil.rmtree(final_tmp, ignore_errors=True)
-        if not trainer.world.active:  # (under torchrun the other ranks are gone: the last checkpoint stays)
-            trainer.save_checkpoint(out / "checkpoint")  # a re-run resumes here and only retries the save
-        raise
-    failpoint("final-tmp-written")
-    if (out / "final").exists():
-        shutil.rmtree(out / "final")
-    os.replace(final_tmp, out / "final")
-    failpoint("final-renamed")

@@ -2,7 +2,6 @@
 resume after a kill (same trajectory as an uninterrupted run), bad input (exit 2), and `smoke` end to end."""
 
 import fcntl
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlp_cli.ablate import (Preset, expand, load_preset, make_slots, run_id, write_manifest)
+from rlp_cli.ablate import expand, load_preset, make_slots, run_id, write_manifest
 from rlp_cli.config import load_config
 from rlp_cli.errors import UserError
 from rlp_cli.runio import read_json, read_jsonl

@@ -15,7 +15,8 @@ from rlp_cli.models import token_classes
 from rlp_cli.rollout import (Context, empty_thought_logprobs, naive_s_pred, policy_logprobs, sample_thoughts,
                              token_logprobs)
 from rlp_cli.runio import read_jsonl
-from rlp_cli.train import NonFiniteError, Trainer, train
+from rlp_cli.run import train
+from rlp_cli.train import NonFiniteError, Trainer
 
 G = 3
 

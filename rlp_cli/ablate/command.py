@@ -17,7 +17,8 @@ from rich.console import Console
 
 from rlp_cli.ablate.plan import Plan, Run, base_eval_overrides, base_model_dirs, expand
 from rlp_cli.ablate.preset import load_preset, preset_paths
-from rlp_cli.ablate.scheduler import Job, LocalBackend, Scheduler, eval_available, make_slots
+from rlp_cli.ablate.backends import BackendOptions, make_backend
+from rlp_cli.ablate.scheduler import Job, Scheduler, eval_available
 from rlp_cli.ablate.store import (EvalWanted, FolderLock, eval_done, eval_failed, format_changes, grid_changes,
                                   read_manifest, run_state, train_done, write_manifest)
 from rlp_cli.config import read_text
@@ -122,7 +123,8 @@ def jobs_to_run(plan: Plan, runs: list[Run], folder: Path, want: EvalWanted | No
 def run_ablation(source: str, out: Path = Path("results"), dry_run: bool = False, jobs: int | None = None,
                  devices: str | None = None, overrides: list[str] | None = None, only: str | None = None,
                  fail_fast: bool = False, retry_failed: bool = False, accept_changes: bool = False,
-                 seeds: list[int] | None = None, eval_suite: str | None = None) -> int:
+                 seeds: list[int] | None = None, eval_suite: str | None = None,
+                 backend_options: BackendOptions = BackendOptions()) -> int:
     plan = plan_ablation(source, overrides, seeds, eval_suite)
     folder = Path(out) / plan.name
     runs = select_runs(plan.runs, only)
@@ -159,10 +161,13 @@ def run_ablation(source: str, out: Path = Path("results"), dry_run: bool = False
             err_console.print(f"[yellow]skipped[/yellow] {name}: another process is training it right now.")
         scheduler = None
         if jobs_list:
-            backend = LocalBackend(make_slots(devices, jobs, len(jobs_list)))
+            backend = make_backend(backend_options, devices, jobs, len(jobs_list), folder)
             console.print(backend.describe(), highlight=False)
-            scheduler = Scheduler(jobs_list, backend, want, fail_fast)
-            scheduler.run()
+            scheduler = Scheduler(jobs_list, backend, want, fail_fast, nproc=backend_options.gpus_per_run or 1)
+            try:
+                scheduler.run()
+            finally:
+                getattr(backend, "close", lambda: None)()
 
         failed = [j.name for j in (scheduler.jobs if scheduler else []) if j.state == "failed"]
         unfinished = [j.name for j in (scheduler.jobs if scheduler else []) if j.state in ("queued", "interrupted")]
@@ -249,13 +254,29 @@ def register(app) -> None:
         seeds: Optional[str] = typer.Option(None, "--seeds", help="Replace the preset's seeds, e.g. --seeds 0,1,2."),
         eval_suite: Optional[str] = typer.Option(None, "--eval",
                                                  help="Replace the preset's eval suite (`none` skips evaluation)."),
+        backend: str = typer.Option("local", "--backend", help="local | ray | slurm: where the runs go "
+                                    "(README, 'Scaling out')."),
+        gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", help="GPUs per run; above 1 a run is "
+                                                   "data parallel over them (torchrun). Default 1 where GPUs are used."),
+        cpus_per_run: int = typer.Option(1, "--cpus-per-run", help="ray, slurm: CPUs (and torch threads) per run."),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: join this cluster "
+                                                  "(default: start a local Ray on 127.0.0.1)."),
+        ray_dashboard: bool = typer.Option(False, "--ray-dashboard", help="ray: start the local Ray's dashboard."),
+        slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="slurm: the partition."),
+        slurm_time: int = typer.Option(240, "--slurm-time", help="slurm: time limit per job, in minutes."),
+        slurm_array_parallelism: Optional[int] = typer.Option(None, "--slurm-array-parallelism",
+                                                              help="slurm: jobs of an array running at once."),
+        slurm_executor: str = typer.Option("slurm", "--slurm-executor", help="slurm: `slurm`, or `local` to run the "
+                                           "same jobs with submitit's local executor (no cluster needed)."),
     ):
         """Run an ablation grid: one training run per config, then evaluation; resumable.
 
         Exit code 0: every run done; 1: some failed or unfinished (named in the summary); 2: bad input."""
         try:
+            options = BackendOptions(backend, gpus_per_run, cpus_per_run, ray_address, ray_dashboard, slurm_partition,
+                                     slurm_time, slurm_array_parallelism, slurm_executor)
             code = run_ablation(ablation, out, dry_run, jobs, devices, list(set_ or []), only, fail_fast,
-                                retry_failed, accept_changes, _parse_seeds(seeds), eval_suite)
+                                retry_failed, accept_changes, _parse_seeds(seeds), eval_suite, options)
         except KeyboardInterrupt:  # typer would turn it into an exit code that `rlp`'s main() drops
             err_console.print("[yellow]interrupted[/yellow]: the children were stopped and every run is resumable; "
                               "run the same command again to continue.")

@@ -120,9 +120,9 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def make_slots(devices: str | None, jobs: int | None, n_jobs: int) -> list[Slot]:
-    """GPUs: one slot per device (CUDA_VISIBLE_DEVICES in the child). CPU: the cores shared out, never
-    oversubscribed."""
+def make_slots(devices: str | None, jobs: int | None, n_jobs: int, gpus_per_slot: int = 1) -> list[Slot]:
+    """GPUs: one slot per device, or per group of gpus_per_slot devices for a run over several GPUs
+    (CUDA_VISIBLE_DEVICES in the child). CPU: the cores shared out, never oversubscribed."""
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs {jobs}: must be at least 1.")
     cores = cpu_count()
@@ -135,6 +135,17 @@ def make_slots(devices: str | None, jobs: int | None, n_jobs: int) -> list[Slot]
         gpus = [d.strip() for d in spec.split(",") if d.strip()]
         if not gpus or not all(d.isdigit() for d in gpus):
             raise UserError(f"--devices {devices}: expected `cpu`, `auto` or GPU ids like 0,1.")
+    if gpus and gpus_per_slot > 1:
+        groups = [",".join(gpus[i:i + gpus_per_slot]) for i in range(0, len(gpus) - gpus_per_slot + 1, gpus_per_slot)]
+        if not groups:
+            raise UserError(f"--gpus-per-run {gpus_per_slot}: only {len(gpus)} GPU(s) visible ({','.join(gpus)}). "
+                            "Fix: lower --gpus-per-run, or pass --devices with more GPUs.")
+        n = min(jobs or len(groups), len(groups))
+        threads = max(1, cores // n)
+        return [Slot(f"cuda:{g}", _thread_env(threads) | {"CUDA_VISIBLE_DEVICES": g}) for g in groups[:n]]
+    if gpus_per_slot > 1:
+        raise UserError(f"--gpus-per-run {gpus_per_slot}: no GPU is visible here. Fix: drop --gpus-per-run, or run "
+                        "on a machine with GPUs.")
     if gpus:
         n = jobs or len(gpus)
         threads = max(1, cores // n)
@@ -269,7 +280,8 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 class Scheduler:
-    def __init__(self, jobs: list[Job], backend: Backend, want: EvalWanted | None, fail_fast: bool):
+    def __init__(self, jobs: list[Job], backend: Backend, want: EvalWanted | None, fail_fast: bool, nproc: int = 1):
+        self.nproc = nproc  # processes per training run (data parallel over --gpus-per-run GPUs)
         self.queue = list(jobs)
         self.jobs = list(jobs)
         self.backend = backend
@@ -284,7 +296,8 @@ class Scheduler:
         cli = [sys.executable, "-m", "rlp_cli.cli"]
         folder = RunFolder(job.folder)
         if phase == "train":
-            return cli + ["train", str(folder.config), "--out", str(job.folder), "--no-progress"]
+            nproc = ["--nproc", str(self.nproc)] if self.nproc > 1 else []
+            return cli + ["train", str(folder.config), "--out", str(job.folder), "--no-progress", *nproc]
         settings = [arg for item in self.want.settings for arg in ("--set", item)]
         if job.model is not None:  # the untrained base model
             return cli + ["eval", job.model, "--suite", self.want.suite, "--out", str(folder.eval_json),

@@ -208,10 +208,10 @@ def run_state(folder: Path, want: EvalWanted | None) -> str:
         if want is None or eval_done(folder, want):
             return "done"
         return "failed" if eval_failed(folder, want) else "eval"
+    if run.lease_holder() or (state == "running" and _rlp_process_alive(status.get("pid"))):
+        return "busy"  # a process (here, or on another node of the cluster) is training it right now
     if state == "failed":
         return "failed"
-    if state == "running" and _rlp_process_alive(status.get("pid")):
-        return "busy"
     if state in ("running", "interrupted") or run.checkpoint.exists():
         return "resume"
     return "new"
