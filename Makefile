@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-gpu bench clean
+.PHONY: install demo test test-fast test-gpu bench smoke ablate report clean
 
 install: $(STAMP)
 
@@ -44,6 +44,22 @@ test-gpu: $(TEST_STAMP)
 
 bench: install
 	$(BIN)/rlp bench --model smollm2-135m
+
+# The pipeline end to end for CI: every objective on the tiny model, evaluated, reported. Fails on a failed
+# run or an empty table (`rlp report --strict`). Results go to a temporary folder, removed afterwards.
+smoke: install
+	D=$$(mktemp -d) && trap 'rm -rf "$$D"' EXIT && \
+	$(BIN)/rlp ablate smoke --out "$$D" && $(BIN)/rlp report "$$D/smoke" --strict --no-plots
+
+# Any preset or ablation file, and the report of a results folder:
+#   make ablate PRESET=sparse-vs-dense ARGS="--seeds 0,1,2"      make report DIR=results/sparse-vs-dense
+PRESET ?= smoke
+DIR ?= results
+ablate: install
+	$(BIN)/rlp ablate $(PRESET) $(ARGS)
+
+report: install
+	$(BIN)/rlp report $(DIR) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

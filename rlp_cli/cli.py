@@ -129,6 +129,26 @@ def list_things(what: Optional[str] = typer.Argument(None, help="configs | prese
         console.print(table)
 
 
+@app.command("copy-preset")
+def copy_preset(
+    name: str = typer.Argument(..., help="A built-in preset (`rlp ls presets`)."),
+    dest: Optional[Path] = typer.Argument(None, help="Where to write it (default: ablations/NAME.yaml here)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite DEST if it exists."),
+):
+    """Copy a preset out to edit it. A copy in ./ablations/ takes the preset's name: `rlp ablate NAME` then runs it."""
+    from rlp_cli.ablate.preset import resolve_preset
+
+    source = resolve_preset(name)
+    dest = dest or Path("ablations") / f"{name}.yaml"
+    if dest.exists() and not force:
+        raise UserError(f"{dest} exists. Fix: pass another destination, or --force to overwrite it.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(source.read_text())
+    console.print(f"wrote {dest} (from {source}). Edit it, then: rlp ablate "
+                  f"{name if dest.resolve() == (Path('ablations') / f'{name}.yaml').resolve() else dest}",
+                  highlight=False)
+
+
 def _register_subcommands() -> None:
     """Commands that live beside their code (ablate, eval, report, bench) add themselves via register(app)."""
     import importlib

@@ -359,7 +359,7 @@ def test_kill_9_at_a_random_moment_of_a_grid(tmp_path, trial):
 # --------------------------------------------------------------------------------------------
 # Signals: SIGINT (Ctrl-C), SIGTERM (a scheduler), SIGHUP (the terminal closed)
 
-LONG = ["--set", "budget.steps=80", "--set", "log.checkpoint_every=2", "--no-progress"]
+LONG = ["--set", "budget.steps=40", "--set", "log.checkpoint_every=2", "--no-progress"]
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 
 
@@ -375,12 +375,12 @@ def test_a_signal_to_rlp_train_leaves_it_interrupted_and_resumable(tmp_path, mon
     assert status(run)["status"] == "interrupted"
     assert_clean(run)
     if sig == signal.SIGHUP:  # one resume is enough to show the folder is whole
-        assert in_process(monkeypatch, capsys, *cmd[3:])[0] == 0 and steps(run) == list(range(81))
+        assert in_process(monkeypatch, capsys, *cmd[3:])[0] == 0 and steps(run) == list(range(41))
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 def test_a_signal_to_rlp_ablate_stops_its_runs_resumably(tmp_path, sig):
-    (tmp_path / "grid.yaml").write_text("base: tiny\nseeds: [0]\nset: {budget.steps: 80, log.checkpoint_every: 2}\n")
+    (tmp_path / "grid.yaml").write_text("base: tiny\nseeds: [0]\nset: {budget.steps: 40, log.checkpoint_every: 2}\n")
     cmd = RLP + ["ablate", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "res"), "--eval", "none"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     folder = tmp_path / "res" / "grid"
@@ -397,7 +397,7 @@ def test_a_signal_to_rlp_ablate_stops_its_runs_resumably(tmp_path, sig):
     assert_clean(run)
     if sig == signal.SIGHUP:
         again = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
-        assert again.returncode == 0 and steps(run) == list(range(81)), again.stdout + again.stderr
+        assert again.returncode == 0 and steps(run) == list(range(41)), again.stdout + again.stderr
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,6 +82,17 @@ def make_report(results_dir: str | Path = "results", formats: str | list[str] = 
     return {"tables": tables, "frame": public, "warnings": warnings, "written": written}
 
 
+def strict_problems(result: dict) -> list[str]:
+    """What `rlp report --strict` (CI, `make smoke`) fails on: no table, an empty table, a run not completed."""
+    problems = [] if result["tables"] else ["no table: no run was found"]
+    for table in result["tables"]:
+        if not table.rows:
+            problems.append(f"{table.ablation}: the table is empty")
+        problems += [f"{table.ablation}: run {r.get('folder')} is {r.get('status')}" + (f" ({r['error']})" if r.get("error")
+                     else "") for r in table.runs if r.get("status") not in ("done", "not evaluated")]
+    return problems
+
+
 def register(app) -> None:
     import typer
 
@@ -91,9 +102,16 @@ def register(app) -> None:
         format_: str = typer.Option(DEFAULT_FORMATS, "--format", help="Comma-separated: md, csv, tex, json, html."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots under RESULTS_DIR/plots/."),
         paper: bool = typer.Option(False, "--paper", help="Show the paper's published numbers for the same axis."),
+        strict: bool = typer.Option(False, "--strict", help="Exit 1 on a run that did not complete or an empty table "
+                                    "(for CI)."),
     ):
         """Tables (per-task accuracy, group averages, Overall, change vs the baseline tested problem by problem or
         over seeds; the training probe, paired over items), plots, and report.html (one self-contained page)."""
         from rich.console import Console
 
-        make_report(results_dir, format_, plots, paper, console=Console())
+        result = make_report(results_dir, format_, plots, paper, console=Console())
+        problems = strict_problems(result) if strict else []
+        if problems:
+            Console(stderr=True).print("[bold red]--strict:[/bold red] " + "; ".join(problems), highlight=False,
+                                       soft_wrap=True)
+            raise SystemExit(1)
