@@ -13,7 +13,9 @@ What is measured
 - Intrinsic metrics on the held-out split of the run's training corpus: no-think perplexity, and the
   mean information gain log p(x_t | x_<t, thought) - log p(x_t | x_<t) of sampled thoughts. No EMA
   teacher exists after training, so the no-think baseline is the evaluated model itself.
-- `--suite lm-eval:TASK1,TASK2`: hands the model to lm-evaluation-harness when it is installed.
+- `--suite lm-eval:TASK1,TASK2`: hands the loaded model to lm-evaluation-harness (HFLM) when it is
+  installed; its local tasks rlp_addition and rlp_addition_mc (lm_eval_tasks.py) run offline. Each
+  task's headline metric and stderr land in `results` like a built-in task's, with lm-eval's version.
 
 The output follows lm-evaluation-harness's results layout (results, groups, configs, versions,
 n-samples) plus provenance; per-sample outputs go to eval_samples.jsonl beside eval.json.
@@ -424,42 +426,87 @@ def require_lm_eval():
         import lm_eval
     except ImportError:
         raise UserError("--suite lm-eval:...: lm-evaluation-harness is not installed. Fix: `pip install lm-eval` "
-                        "(its benchmarks come from the Hugging Face hub: run it where they are cached or the "
-                        "network is reachable, or point --set lm_eval_include_path at task YAMLs over local "
+                        "(the built-in local tasks " + ", ".join(local_lm_eval_tasks()) + " run offline; the "
+                        "harness's own benchmarks come from the Hugging Face hub: run them where they are cached or "
+                        "the network is reachable, or point --set lm_eval_include_path at task YAMLs over local "
                         "files), or use a built-in suite (quick, full).") from None
     return lm_eval
 
 
-def run_lm_eval(model_dir: str, tasks: list[str], device, seed: int, settings: SuiteSettings, dtype: str):
-    """Run lm-evaluation-harness's simple_evaluate on a Hugging Face model folder; return our schema's parts."""
+def local_lm_eval_tasks() -> dict[str, str]:
+    from rlp_cli import lm_eval_tasks
+
+    return lm_eval_tasks.TASKS
+
+
+def lm_eval_version(lm_eval=None) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("lm-eval")
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(lm_eval, "__version__", "unknown"))
+
+
+def lm_eval_task_manager(tasks: list[str], settings: SuiteSettings):
+    """lm-eval's TaskManager that knows `tasks`: rlp's local tasks, then --set lm_eval_include_path's (which win
+    on a name clash), and lm-eval's own only when a task is not among those (indexing them takes ~15 s on a CPU).
+    A UserError names any requested task that none of them has."""
+    from rlp_cli import lm_eval_tasks
+
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    include = [str(lm_eval_tasks.write_tasks())]
+    if settings.lm_eval_include_path:
+        include.append(str(Path(settings.lm_eval_include_path).expanduser()))
+    local = TaskManager(include_path=include, include_defaults=False)
+    if all(t in local.all_subtasks for t in tasks):  # plain tasks, not groups that may name lm-eval's own
+        return local
+    task_manager = TaskManager(include_path=include)
+    unknown = [t for t in tasks if t not in task_manager.all_tasks]
+    if unknown:
+        raise UserError(f"--suite lm-eval:{','.join(tasks)}: lm-evaluation-harness knows no task {', '.join(unknown)}. "
+                        f"Fix: use its task names (`lm_eval ls tasks`), rlp's local tasks "
+                        f"({', '.join(lm_eval_tasks.TASKS)}), or task YAMLs in --set lm_eval_include_path=FOLDER.")
+    return task_manager
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], seed: int, settings: SuiteSettings, task_manager=None):
+    """Run lm-evaluation-harness's simple_evaluate on a loaded model; return our schema's parts.
+
+    The model and tokenizer are the ones rlp loaded (a run's final/, a built-in name, a folder), handed
+    to lm-eval's Hugging Face class (HFLM) as they are: no second load, and the weights evaluated are
+    the ones eval.json hashes. Tasks: see lm_eval_task_manager."""
     import inspect
 
     lm_eval = require_lm_eval()
-    kwargs = dict(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=tasks, device=str(device),
-                  batch_size=settings.lm_eval_batch_size, limit=settings.lm_eval_limit, log_samples=True,
-                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-    if settings.lm_eval_include_path:
-        from lm_eval.tasks import TaskManager
+    from lm_eval.models.huggingface import HFLM
 
-        kwargs["task_manager"] = TaskManager(include_path=settings.lm_eval_include_path)
+    if task_manager is None:
+        task_manager = lm_eval_task_manager(tasks, settings)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.lm_eval_batch_size)
+    kwargs = dict(model=lm, tasks=tasks, limit=settings.lm_eval_limit, log_samples=True, task_manager=task_manager,
+                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     accepted = inspect.signature(lm_eval.simple_evaluate).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}  # older harness versions lack some seeds
     out = lm_eval.simple_evaluate(**kwargs)
     if out is None:  # simple_evaluate returns None on non-zero ranks of a distributed run
         raise UserError("lm-evaluation-harness returned no results (a distributed run?). Fix: run rlp eval on one process.")
-    return convert_lm_eval(out)
+    return convert_lm_eval(out, lm_eval_version(lm_eval))
 
 
 HEADLINE_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,flexible-extract", "exact_match,none",
                     "acc_norm,none", "pass@1,none", "pass_at_1,none")
 
 
-def convert_lm_eval(out: dict) -> tuple[dict, dict, dict, dict, dict, list[dict]]:
+def convert_lm_eval(out: dict, version: str | None = None) -> tuple[dict, dict, dict, dict, dict, list[dict]]:
     """lm-eval's output -> (results, groups, configs, versions, n-samples, sample records).
 
     Each task's headline metric becomes `acc` (the first of HEADLINE_METRICS it reports, else its
-    first numeric metric); lm-eval scores one greedy answer, so pass@1 equals it. All raw metrics are kept."""
+    first numeric metric) and its stderr `acc_stderr`; `metric` names it and `lm_eval_version` the
+    harness that computed it. lm-eval scores one greedy answer, so pass@1 equals acc. All raw metrics are kept."""
     subtask_group = {}
     for group, subtasks in (out.get("group_subtasks") or {}).items():
         for t in subtasks:
@@ -478,7 +525,7 @@ def convert_lm_eval(out: dict) -> tuple[dict, dict, dict, dict, dict, list[dict]
         n = (out.get("n-samples") or {}).get(task, {}).get("effective")
         results[task] = {"acc": float(numeric[key]), "acc_stderr": None if stderr is None else float(stderr),
                          "pass@1": float(numeric[key]), "n": n, "k": 0, "metric": key,
-                         "group": subtask_group.get(task, "lm-eval"), "raw": metrics}
+                         "group": subtask_group.get(task, "lm-eval"), "lm_eval_version": version, "raw": metrics}
     samples = []
     for task, rows in (out.get("samples") or {}).items():
         for row in rows:
@@ -606,6 +653,10 @@ def evaluate(target: str | Path, suite: str = "quick", out: Path | None = None, 
                    "heldout": {k: getattr(cfg.data, k) for k in ("corpus", "num_documents", "heldout_fraction",
                                                                  "max_context_tokens", "min_prefix_tokens")},
                    "data_seed": cfg.seed, "temperature_info_gain": cfg.objective.temperature}
+    if lm_eval_tasks:
+        from rlp_cli import lm_eval_tasks as local_tasks
+
+        fingerprint["lm_eval"] = {"version": lm_eval_version(), "local_tasks_version": local_tasks.VERSION}
     configure_threads(cfg.threads)
     dev = resolve_device(device)
     from rlp_cli.models import resolve_model_dir
@@ -619,6 +670,7 @@ def evaluate(target: str | Path, suite: str = "quick", out: Path | None = None, 
 
     import torch
 
+    task_manager = lm_eval_task_manager(lm_eval_tasks, settings) if lm_eval_tasks else None  # unknown tasks: fail early
     loaded = load_model(model_spec, cfg.model.dtype, dev)
     model, tok = loaded.model.eval(), loaded.tokenizer
     prompt_ids = tok(cfg.objective.thought_prompt, add_special_tokens=False).input_ids if cfg.objective.thought_prompt else []
@@ -628,7 +680,7 @@ def evaluate(target: str | Path, suite: str = "quick", out: Path | None = None, 
 
     if lm_eval_tasks:
         results, groups, configs, versions, n_samples, records = run_lm_eval(
-            loaded.source, lm_eval_tasks, dev, seed, settings, cfg.model.dtype)
+            model, tok, lm_eval_tasks, seed, settings, task_manager)
     else:
         problems, datasets = build_suite(suite, seed, settings)
         records = run_suite(model, tok, problems, datasets, settings, prompt_ids=prompt_ids, open_id=loaded.think_open_id,
@@ -663,9 +715,12 @@ def evaluate(target: str | Path, suite: str = "quick", out: Path | None = None, 
                   "dtype": cfg.model.dtype,
                   "n_params": sum(p.numel() for p in model.parameters())},
         "suite": {"name": suite, "version": SUITE_VERSION, "seed": seed, "settings": dataclasses.asdict(settings),
-                  "description": SUITES[suite][2] if suite in SUITES else "lm-evaluation-harness tasks"},
-        "aggregation": "groups and overall are macro averages over tasks; acc = greedy thought, pass@1 = mean over "
-                       "the sampled thoughts (accuracies are fractions in [0, 1])",
+                  "description": SUITES[suite][2] if suite in SUITES else "lm-evaluation-harness tasks",
+                  **({"lm_eval_version": fingerprint["lm_eval"]["version"]} if lm_eval_tasks else {})},
+        "aggregation": "groups and overall are macro averages over tasks; " + (
+            "acc = pass@1 = each task's headline lm-eval metric (results.<task>.metric), acc_stderr its stderr"
+            if lm_eval_tasks else "acc = greedy thought, pass@1 = mean over the sampled thoughts") +
+            " (accuracies are fractions in [0, 1])",
         "fingerprint": fingerprint,
         "provenance": runio.provenance(device=str(dev), torch_threads=torch.get_num_threads()),
         "date": runio.now(),
@@ -704,7 +759,8 @@ def register(app) -> None:
     def eval_command(
         target: str = typer.Argument(..., help="A run folder (uses final/ and config.yaml) or a model: tiny, "
                                                "smollm2-135m, a local folder or .gguf file."),
-        suite: str = typer.Option("quick", "--suite", help="quick | full | lm-eval:TASK1,TASK2 (needs lm-eval)."),
+        suite: str = typer.Option("quick", "--suite", help="quick | full | lm-eval:TASK1,TASK2 (needs lm-eval; "
+                                  "the local tasks rlp_addition, rlp_addition_mc run offline)."),
         out: Optional[Path] = typer.Option(None, "--out", help="eval.json path (default: RUN/eval.json, or "
                                                                "evals/<model>-<suite>/eval.json)."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),

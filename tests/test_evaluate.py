@@ -152,38 +152,53 @@ def test_settings_split_between_suite_and_run_config():
 
 
 def test_lm_eval_bridge_converts_the_harness_output(monkeypatch):
-    fake = types.ModuleType("lm_eval")
+    """A fake harness: the bridge hands it the loaded model through HFLM and converts what it returns."""
+    fake, fake_hf = types.ModuleType("lm_eval"), types.ModuleType("lm_eval.models.huggingface")
     calls = {}
+
+    class HFLM:
+        def __init__(self, **kw):
+            calls["hflm"] = kw
 
     def simple_evaluate(**kw):
         calls.update(kw)
         return {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25,
                                       "exact_match_stderr,strict-match": 0.05, "exact_match,flexible-extract": 0.3},
                             "arc_easy": {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.45},
-                            "hellaswag": {"acc,none": 0.75, "acc_stderr,none": 0.02}},
+                            "hellaswag": {"acc,none": 0.75, "acc_stderr,none": "N/A"}},
                 "group_subtasks": {"gsm8k": [], "arc_easy": [], "hellaswag": []},
                 "configs": {"gsm8k": {"num_fewshot": 5}}, "versions": {"gsm8k": 3.0},
                 "n-samples": {"gsm8k": {"original": 1319, "effective": 10}},
                 "samples": {"gsm8k": [{"doc_id": 0, "target": "4", "filtered_resps": ["4"], "metrics": ["exact_match"],
                                        "exact_match": 1.0}]}}
 
-    fake.simple_evaluate = simple_evaluate
+    fake.simple_evaluate, fake.__version__, fake_hf.HFLM = simple_evaluate, "9.9.9", HFLM
     monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    monkeypatch.setitem(sys.modules, "lm_eval.models", types.ModuleType("lm_eval.models"))
+    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", fake_hf)
+    model, tok, task_manager = object(), object(), object()
     results, groups, configs, versions, n_samples, samples = E.run_lm_eval(
-        "/some/model", ["gsm8k", "arc_easy", "hellaswag"], "cpu", 3, E.SuiteSettings(lm_eval_limit=10), "float32")
-    assert calls["model"] == "hf" and calls["model_args"] == "pretrained=/some/model,dtype=float32"
+        model, tok, ["gsm8k", "arc_easy", "hellaswag"], 3, E.SuiteSettings(lm_eval_limit=10, lm_eval_batch_size=4),
+        task_manager)
+    assert calls["hflm"]["pretrained"] is model and calls["hflm"]["tokenizer"] is tok
+    assert calls["hflm"]["batch_size"] == 4 and isinstance(calls["model"], HFLM)
+    assert calls["task_manager"] is task_manager and calls["tasks"] == ["gsm8k", "arc_easy", "hellaswag"]
     assert calls["limit"] == 10 and calls["random_seed"] == 3
     assert results["gsm8k"]["acc"] == 0.25 and results["gsm8k"]["acc_stderr"] == 0.05
     assert results["gsm8k"]["metric"] == "exact_match,strict-match" and results["gsm8k"]["n"] == 10
     assert results["arc_easy"]["acc"] == 0.5  # acc preferred to acc_norm
+    assert results["hellaswag"]["acc_stderr"] is None  # the harness's "N/A"
+    assert {r["lm_eval_version"] for r in results.values()} == {E.lm_eval_version(fake)}
     assert groups["overall"]["acc"] == pytest.approx((0.25 + 0.5 + 0.75) / 3)
     assert samples[0]["exact_match"] == 1.0 and versions == {"gsm8k": 3.0}
 
 
 def test_lm_eval_suite_without_the_harness_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
+    with pytest.raises(UserError, match="pip install lm-eval.*rlp_addition"):
+        E.run_lm_eval(object(), object(), ["gsm8k"], 0, E.SuiteSettings())
     with pytest.raises(UserError, match="pip install lm-eval"):
-        E.run_lm_eval("/m", ["gsm8k"], "cpu", 0, E.SuiteSettings(), "float32")
+        E.evaluate("tiny", suite="lm-eval:rlp_addition")
 
 
 @pytest.fixture
