@@ -28,9 +28,10 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/rlp train default --out runs/demo
 
-# The tests also exercise the Ray and Slurm (submitit) backends of `rlp ablate`: their extras come with them.
+# The tests also exercise the Ray and Slurm (submitit) backends of `rlp ablate` and the lm-eval bridge of
+# `rlp eval`: their extras come with them.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,ray,slurm]"
+	$(BIN)/python -m pip install -q -e ".[dev,ray,slurm,lm-eval]"
 	touch $(TEST_STAMP)
 
 test: $(TEST_STAMP)

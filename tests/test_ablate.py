@@ -378,7 +378,7 @@ def test_smoke_preset_end_to_end(tmp_path):
 
 def test_shipped_presets_cpt_arms_follow_the_paper_schedule():
     """thought-vs-ntp: the CPT arms use lr 1e-6 decayed to 1e-7 (RLP_SPEC section 2); the rlp arm keeps its own."""
-    root = Path(__file__).resolve().parent.parent / "ablations"
+    root = Path(__file__).resolve().parent.parent / "rlp_cli" / "presets"
     plan = plan_of(root / "thought-vs-ntp.yaml")
     by_arm = {r.arm: r.config for r in plan.runs}
     for arm in ("cpt-token-matched", "cpt-flop-matched"):
@@ -391,6 +391,6 @@ def test_shipped_presets_cpt_arms_follow_the_paper_schedule():
 
 
 def test_every_shipped_preset_expands():
-    root = Path(__file__).resolve().parent.parent / "ablations"
+    root = Path(__file__).resolve().parent.parent / "rlp_cli" / "presets"
     for path in sorted(root.glob("*.yaml")):
         assert plan_of(path).runs, path.name

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from rlp_cli.config import BUILTIN_CONFIG_DIR, TrainConfig, read_text, read_yaml, set_dotted
 from rlp_cli.errors import UserError
 
-PRESET_DIRS = [Path("ablations"), Path(__file__).resolve().parent.parent.parent / "ablations"]
+# ./ablations/ (the user's own, first: a copy there shadows a built-in) and the built-ins, shipped in the package
+PRESET_DIRS = [Path("ablations"), Path(__file__).resolve().parent.parent / "presets"]
 
 
 class Strict(BaseModel):
@@ -102,7 +103,7 @@ PRESET_ONLY_KEYS = {f.alias or name for name, f in Preset.model_fields.items()} 
 
 
 def preset_paths() -> dict[str, Path]:
-    """Presets found in ./ablations and in the project's ablations/ folder (the first one wins)."""
+    """Presets found in ./ablations and among the built-ins in rlp_cli/presets (the first one wins)."""
     found: dict[str, Path] = {}
     for folder in PRESET_DIRS:
         for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
@@ -154,7 +155,7 @@ def _schema_error(err: ValidationError, path: Path) -> UserError:
         else:
             parts.append(f"key '{key}' = {e.get('input')!r}: {e['msg']}")
     return UserError(f"{path}: invalid ablation: " + "; ".join(parts) + ". Fix: correct these keys (an ablation has "
-                     f"{', '.join(_known_preset_keys([]))}; see the presets in ablations/ for commented examples).")
+                     f"{', '.join(_known_preset_keys([]))}; see the built-in presets for commented examples: rlp copy-preset smoke).")
 
 
 def _known_preset_keys(loc: list[str]) -> list[str]:
@@ -180,7 +181,7 @@ def load_preset(source: str) -> tuple[Preset, Path]:
     tree = read_yaml(path)
     if not isinstance(tree, dict):
         raise UserError(f"{path}: the top level of an ablation must be a mapping (base:, grid:, runs:, seeds:, ...), "
-                        f"not {type(tree).__name__}. Fix: see the presets in ablations/.")
+                        f"not {type(tree).__name__}. Fix: see a built-in preset for an example: rlp copy-preset smoke.")
     try:
         preset = Preset.model_validate(tree)
     except ValidationError as e:
