@@ -7,6 +7,7 @@ a one-paragraph `UserError` that names the file, the key and the fix.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from rlp_cli.errors import UserError
 
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # log.report_to
+# Where the metrics go, not what is trained: a run's identity (its id in an ablation, the check that a resumed
+# folder holds the same run) leaves these keys out, so turning a tracker on or off keeps every run and its folder.
+TRACKING_KEYS = ("log.report_to",)
 
 
 class Strict(BaseModel):
@@ -128,6 +135,25 @@ class LogConfig(Strict):
     probe_contexts: int = 32
     probe_rollouts: int = 4
     probe_seed: int = 0
+    # Experiment trackers that get every metrics.jsonl row too (rlp_cli/trackers.py): tensorboard, wandb, mlflow,
+    # trackio; a list, or one name. Local by default (W&B offline unless logged in). Not part of a run's identity.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, str):  # `report_to: wandb`, --set log.report_to=wandb,mlflow, TRL's `none`
+            v = [] if v.strip() == "none" else [n.strip() for n in v.split(",") if n.strip()]
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"expected a tracker's name or a list of them ({', '.join(TRACKERS)})")
+        for name in v:
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(str(name), TRACKERS, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"unknown tracker {name!r} ({hint}known: {', '.join(TRACKERS)})")
+        return list(dict.fromkeys(v))  # each once, in the order given
 
 
 class TrainConfig(Strict):
@@ -240,6 +266,19 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def without_tracking(tree: dict) -> dict:
+    """A copy of a config tree (TrainConfig.to_dict(), a config.yaml) without TRACKING_KEYS."""
+    tree = copy.deepcopy(tree)
+    for key in TRACKING_KEYS:
+        *parents, last = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return tree
 
 
 def apply_overrides(tree: dict, overrides: list[str] | None) -> dict:

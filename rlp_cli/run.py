@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from rlp_cli import distributed, runio
-from rlp_cli.config import TrainConfig, flatten
+from rlp_cli.config import TrainConfig, flatten, without_tracking
 from rlp_cli.errors import RunFailed, UserError, storage_failure
 from rlp_cli.faults import failpoint
 from rlp_cli.probe import Probe, probe_means
@@ -30,8 +30,8 @@ def _check_run_dir(run: RunFolder, config: TrainConfig) -> str | None:
     if run.config.exists():
         import yaml
 
-        previous = yaml.safe_load(run.config.read_text())
-        current = config.to_dict()
+        previous = without_tracking(yaml.safe_load(run.config.read_text()) or {})
+        current = without_tracking(config.to_dict())  # log.report_to may change between a run and its resume
         if previous != current:
             before, after = flatten(previous), flatten(current)
             changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))

@@ -22,7 +22,8 @@ from typing import Any, Callable
 from pydantic import BaseModel, ValidationError
 
 from rlp_cli.ablate.preset import EvalSpec, Preset
-from rlp_cli.config import TrainConfig, apply_overrides, flatten, parse_override, set_dotted, validation_message
+from rlp_cli.config import (TrainConfig, apply_overrides, flatten, parse_override, set_dotted, validation_message,
+                            without_tracking)
 from rlp_cli.errors import UserError
 
 
@@ -77,7 +78,7 @@ class Plan:
 
 def run_id(config: TrainConfig) -> str:
     """Short hash of the fully resolved config; `name` is a label and does not change what is trained."""
-    tree = config.to_dict()
+    tree = without_tracking(config.to_dict())  # nor does log.report_to
     tree.pop("name", None)
     return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 from rlp_cli import runio
 from rlp_cli.ablate.plan import Plan, base_model_dirs
-from rlp_cli.config import flatten
+from rlp_cli.config import TRACKING_KEYS, flatten
 from rlp_cli.errors import UserError
 from rlp_cli.runfolder import LOCK_FILE, MANIFEST_FILE, RunFolder
 
@@ -61,7 +61,8 @@ def grid_changes(previous: dict, plan: Plan) -> dict[str, list[str]]:
             changes["added"].append(f"{name} ({run.id})")
         elif old[name]["id"] != run.id:
             before, after = flatten(old[name].get("config", {})), flatten(run.config.to_dict())
-            keys = sorted(k for k in set(before) | set(after) if k != "name" and before.get(k) != after.get(k))
+            keys = sorted(k for k in set(before) | set(after) if k not in ("name", *TRACKING_KEYS)
+                          and before.get(k) != after.get(k))
             diff = ", ".join(f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in keys) or "config changed"
             changes["altered"].append(f"{name} ({old[name]['id']} -> {run.id}): {diff}")
     for name, run in old.items():
