@@ -3,7 +3,8 @@
 `train()` resumes from the folder's checkpoint when there is one, logs every step once (a resume
 truncates the logs back to its checkpoint), holds a lease while it works, turns SIGTERM and SIGHUP into
 an `interrupted` status, and ends with `completed`, `interrupted` or `failed` (and why) in status.json.
-The files are named in rlp_cli/runfolder.py. Under torchrun only rank 0 writes.
+The files are named in rlp_cli/runfolder.py. Under torchrun only rank 0 writes. Each metrics row also goes to the
+experiment trackers of log.report_to (rlp_cli/trackers.py), which are told the final status.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rlp_cli.errors import RunFailed, UserError, storage_failure
 from rlp_cli.faults import failpoint
 from rlp_cli.probe import Probe, probe_means
 from rlp_cli.runfolder import RunFolder
+from rlp_cli.trackers import open_trackers
 from rlp_cli.train import Trainer
 
 
@@ -128,7 +130,8 @@ def _train(config: TrainConfig, run: RunFolder, progress: bool) -> dict:
     if previous == "completed":
         return runio.read_json(run.status_file)
     started = time.time()
-    trainer = None
+    trainer = trackers = None
+    ended = "failed"  # what the trackers are told at the end
     try:
         if main:
             _clear_leftovers(run)
@@ -148,6 +151,7 @@ def _train(config: TrainConfig, run: RunFolder, progress: bool) -> dict:
                 model_source=trainer.model_source, resumed_from_step=trainer.step if resumed else None,
                 n_params=sum(p.numel() for p in trainer.model.parameters()),
                 train_windows=len(trainer.stream.windows), heldout_documents=len(trainer.heldout_docs)))
+            trackers = open_trackers(config, run.path, resumed_step=trainer.step if resumed else None)
         probe_every = config.log.probe_every
         probe = Probe(trainer) if main and probe_every and trainer.close_id is not None else None
 
@@ -160,6 +164,7 @@ def _train(config: TrainConfig, run: RunFolder, progress: bool) -> dict:
             first = {"step": 0}
             run_probe(first)
             runio.append_jsonl(run.metrics, first)
+            trackers.log(0, first)
         bar = _Progress(config.budget.steps, config.name, progress and main)
         try:
             while not trainer.done():
@@ -168,6 +173,7 @@ def _train(config: TrainConfig, run: RunFolder, progress: bool) -> dict:
                     run_probe(metrics)
                 if main:
                     runio.append_jsonl(run.metrics, metrics)
+                    trackers.log(trainer.step, metrics)
                     if sample is not None and (trainer.step == 1 or trainer.step % config.log.samples_every == 0):
                         runio.append_jsonl(run.samples, {"step": trainer.step, **sample})
                 bar.update(metrics)
@@ -186,8 +192,10 @@ def _train(config: TrainConfig, run: RunFolder, progress: bool) -> dict:
             _save_final(trainer, run)
         shutil.rmtree(run.checkpoint, ignore_errors=True)  # the final model supersedes it
         runio.write_json(run.status_file, status)
+        ended = "completed"
         return status
     except KeyboardInterrupt:
+        ended = "interrupted"
         if main:
             _record_end(run, "interrupted", error="interrupted by the user; run the same command again to resume")
         raise
@@ -209,6 +217,8 @@ def _train(config: TrainConfig, run: RunFolder, progress: bool) -> dict:
             _record_end(run, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         raise
     finally:
+        if trackers is not None:
+            trackers.close(ended)
         distributed.stop(world)
 
 

@@ -12,13 +12,16 @@ logs and the evaluation marker; `rlp report` reads them all:
         probe.jsonl           the fixed held-out probe, every few steps
         checkpoint/           state.pt (+ state.pt.sha256) while training; removed once final/ is in place
         final/                the trained model (written as final.tmp/, then renamed)
+        tensorboard/, wandb/  log.report_to: TensorBoard event files, the W&B run (offline unless logged in)
+        trackers.json         log.report_to: the W&B and MLflow run ids, so that a resume continues those runs
         eval.json             `rlp eval`: task accuracy, held-out perplexity and information gain
         eval_samples.jsonl    `rlp eval`: one record per problem and sample
         eval_status.json      `rlp ablate`: which suite and settings eval.json was made with, or why it failed
         train.log, eval.log   `rlp ablate`: the output of its `rlp train` / `rlp eval` children
 
 A base-model evaluation folder (an ablation's base/, `rlp eval MODEL`'s evals/<model>-<suite>/) holds only the
-eval files. One level up, an ablation's results folder holds manifest.json (the grid) and .lock.
+eval files. One level up, an ablation's results folder holds manifest.json (the grid) and .lock; mlruns/, the local
+MLflow store of log.report_to: mlflow, sits one level above a run folder too (shared by an ablation's runs).
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class RunFolder:
     LEASE: ClassVar[str] = "lease.json"  # while a process trains the run: its host and pid, refreshed (runio.Lease)
     TRAIN_LOG: ClassVar[str] = "train.log"
     EVAL_LOG: ClassVar[str] = "eval.log"
+    TENSORBOARD: ClassVar[str] = "tensorboard"  # log.report_to: tensorboard
+    TRACKERS: ClassVar[str] = "trackers.json"  # log.report_to: the trackers' own run ids
+    MLRUNS: ClassVar[str] = "mlruns"  # log.report_to: mlflow, beside the run folder (one level up)
     TRAINING_LOGS: ClassVar[tuple[str, ...]] = (METRICS, SAMPLES, PROBE)  # the jsonl files a step appends to
 
     def __post_init__(self) -> None:
@@ -135,6 +141,19 @@ class RunFolder:
     @property
     def eval_log(self) -> Path:
         return self.path / self.EVAL_LOG
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / self.TENSORBOARD
+
+    @property
+    def trackers(self) -> Path:
+        return self.path / self.TRACKERS
+
+    @property
+    def mlruns(self) -> Path:
+        """The local MLflow store the run shares with its siblings (an ablation's runs: one per ablation)."""
+        return self.path.resolve().parent / self.MLRUNS
 
     def log(self, phase: str) -> Path:
         """The log of an `rlp ablate` child: train.log for the `train` phase, eval.log for `eval`."""

@@ -23,7 +23,7 @@ from rlp_cli.runfolder import MANIFEST_FILE, RunFolder
 IGNORED_AXIS_KEYS = ("name", "seed", "device", "threads")  # and log.*: they do not change what is learnt
 PROBE_VERSION = 1
 PROBE_METRICS = ("info_gain", "content_gain", "s_pred", "s_ema", "s_empty", "frac_positive")
-SKIP_DIRS = {RunFolder.FINAL, RunFolder.CHECKPOINT, "plots", RunFolder.FINAL_TMP, "__pycache__"}
+SKIP_DIRS = {RunFolder.FINAL, RunFolder.CHECKPOINT, "plots", RunFolder.FINAL_TMP, "__pycache__", RunFolder.MLRUNS}
 
 
 def read_json_file(path: Path, warnings: list[str], what: str) -> Optional[dict]:
