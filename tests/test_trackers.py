@@ -10,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,14 @@ def test_mlflow_key_keeps_the_metric_names():
     assert mlflow_key("rewards/info_gain/mean") == "rewards/info_gain/mean"
     assert mlflow_key("a//b") == "a__b" and mlflow_key("x@y") == "x_y"
 
+
+def test_ablate_children_get_the_ablation_as_group(tmp_path):
+    from rlp_cli.ablate.scheduler import Job, LocalBackend, Slot
+
+    job = Job(name="r", folder=tmp_path / "my-grid" / "r-1234", phases=[])
+    job.folder.mkdir(parents=True)
+    backend = LocalBackend([Slot("cpu", {"RLP_NUM_THREADS": "1"})])
+    backend.submit(job, "train", [sys.executable, "-c", "import os; print(os.environ['RLP_TRACKER_GROUP'])"])
+    while not backend.poll():
+        time.sleep(0.05)
+    assert (job.folder / "train.log").read_text().splitlines()[-1] == "my-grid"

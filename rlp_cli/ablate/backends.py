@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlp_cli.ablate.scheduler import TERMINATE_GRACE_S, Job, _die_with_parent, _thread_env
+from rlp_cli.ablate.scheduler import TERMINATE_GRACE_S, Job, _die_with_parent, _thread_env, group_env
 from rlp_cli.errors import UserError
 from rlp_cli.runfolder import RunFolder
 
@@ -111,7 +111,7 @@ class RayBackend:
     def submit(self, job: Job, phase: str, argv: list[str]) -> str:
         log = RunFolder(job.folder).log(phase)
         self.tasks[job] = self.task.options(num_cpus=self.cpus, num_gpus=self.gpus, name=f"rlp {phase} {job.name}",
-                                            max_retries=0).remote(argv, phase_env(self.cpus), str(log))
+                                            max_retries=0).remote(argv, phase_env(self.cpus) | group_env(job), str(log))
         return "ray"
 
     def poll(self) -> list[tuple[Job, int]]:
@@ -209,10 +209,11 @@ class SlurmBackend:
         env = phase_env(self.cpus)
         if len(pending) == 1:
             job, argv, log = pending[0]
-            self.jobs[job] = self.executor.submit(run_phase, argv, env, log)
+            self.jobs[job] = self.executor.submit(run_phase, argv, env | group_env(job), log)
             return
         with self.executor.batch():
-            submitted = [(job, self.executor.submit(run_phase, argv, env, log)) for job, argv, log in pending]
+            submitted = [(job, self.executor.submit(run_phase, argv, env | group_env(job), log))
+                         for job, argv, log in pending]
         self.jobs.update(submitted)
 
     def poll(self) -> list[tuple[Job, int]]:

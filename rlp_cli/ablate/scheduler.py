@@ -26,6 +26,7 @@ from rlp_cli.ablate.plan import Run
 from rlp_cli.ablate.store import EvalWanted, write_eval_marker
 from rlp_cli.errors import UserError
 from rlp_cli.runfolder import RunFolder
+from rlp_cli.trackers import GROUP_ENV
 
 console = Console()
 err_console = Console(stderr=True)
@@ -166,6 +167,11 @@ def make_slots(devices: str | None, jobs: int | None, n_jobs: int, gpus_per_slot
     return [Slot("cpu", _thread_env(threads) | {"CUDA_VISIBLE_DEVICES": ""}) for _ in range(n)]
 
 
+def group_env(job: Job) -> dict[str, str]:
+    """The trackers of log.report_to group a grid's runs by the ablation's name: its folder, <out>/<name>/<run>."""
+    return {GROUP_ENV: job.folder.parent.name}
+
+
 def _thread_env(threads: int) -> dict[str, str]:
     return {"RLP_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
@@ -209,7 +215,7 @@ class LocalBackend:
         child.log_fh.write(f"\n=== rlp ablate {runio.now()} on {slot.label} "
                            f"({slot.env['RLP_NUM_THREADS']} threads): {' '.join(argv)}\n")
         child.log_fh.flush()
-        env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **slot.env, **group_env(job), "PYTHONUNBUFFERED": "1"}
         child.proc = subprocess.Popen(argv, stdout=child.log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       env=env, start_new_session=True,  # Ctrl-C reaches us; we stop children cleanly
                                       preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
