@@ -28,10 +28,10 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/rlp train default --out runs/demo
 
-# The tests also exercise the Ray and Slurm (submitit) backends of `rlp ablate` and the lm-eval bridge of
-# `rlp eval`: their extras come with them.
+# The tests also exercise the Ray and Slurm (submitit) backends of `rlp ablate`, the lm-eval bridge of
+# `rlp eval` and the experiment trackers of log.report_to: their extras come with them.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,ray,slurm,lm-eval]"
+	$(BIN)/python -m pip install -q -e ".[dev,ray,slurm,lm-eval,trackers]"
 	touch $(TEST_STAMP)
 
 test: $(TEST_STAMP)
