@@ -220,10 +220,14 @@ def _main_footer(ab: Ablation, arms: list[str], nums: ArmValues, baseline: Optio
     evaluated = [r for r in ab.runs if r.evaluated]
     suites = sorted({str(r.eval.columns.get("eval_suite")) for r in evaluated if r.eval.columns.get("eval_suite")})
     seeds = sorted({r.seed for r in ab.trained if r.seed is not None})
+    scoring = ("lm-evaluation-harness's own metric for each task (exact match, or the likeliest choice)"
+               if suites and all(s.startswith("lm-eval") for s in suites) else
+               "greedy thought, then a greedy answer scored by each reasoning-gym generator's own checker"
+               + ("; lm-eval tasks: the harness's own metric" if any(s.startswith("lm-eval") for s in suites) else ""))
     footer = [
-        "Accuracy in % on the `rlp eval` suite " + (", ".join(suites) or "(none yet)") + ": greedy thought, then a "
-        "greedy answer scored by each reasoning-gym generator's own checker. Group averages and Overall are macro "
-        "averages over tasks (every task weighs the same, whatever its number of problems).",
+        "Accuracy in % on the `rlp eval` suite " + (", ".join(suites) or "(none yet)") + f": {scoring}. Group "
+        "averages and Overall are macro averages over tasks (every task weighs the same, whatever its number of "
+        "problems).",
         f"Δ {headline}: the arm's mean {headline} accuracy minus the baseline's ({ref}), in points; Δ rel: that "
         f"difference as a % of the baseline's {headline} (a plain ratio of the two macro averages).",
         f"n: evaluated runs (seeds {', '.join(map(str, seeds)) or '—'}). A task cell is accuracy ± its "
