@@ -58,8 +58,6 @@ def train(
 
 def _torchrun(nproc: int, config: str, sets: list[str], out: Path, device: str | None, progress: bool) -> int:
     """`rlp train --nproc N` is `torchrun --standalone --nproc-per-node N -m rlp_cli.cli train ...` on this node."""
-    import subprocess
-
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "rlp_cli.cli", "train", config, "--out", str(out), "--progress" if progress else "--no-progress"]
     argv += [a for item in sets for a in ("--set", item)] + (["--device", device] if device else [])
@@ -69,7 +67,10 @@ def _torchrun(nproc: int, config: str, sets: list[str], out: Path, device: str |
     env.update(RLP_NUM_THREADS=share, OMP_NUM_THREADS=share)
     console.print(f"[bold]rlp train[/bold] over {nproc} processes ({share} threads each): {' '.join(argv[2:])}",
                   highlight=False)
-    return subprocess.run(argv, env=env).returncode
+    sys.stdout.flush()
+    # torchrun takes this process's place: signals (Ctrl-C, rlp ablate stopping a run, the parent-death
+    # signal) reach torchrun itself, which stops its workers; nothing is left orphaned
+    os.execve(sys.executable, argv, env)
 
 
 @app.command()

@@ -14,12 +14,16 @@ world of one and every function here is a no-op.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 
 from rlp_cli.errors import UserError
+
+
+COLLECTIVE_TIMEOUT_MIN = 60  # torch's default (10 min on nccl) is shorter than a large checkpoint on shared storage
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ def start(world: World, device: torch.device) -> World:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend)
+        # rank 0 alone runs the probe and writes checkpoints while the others wait in the next collective
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
     return World(world.rank, world.local_rank, world.size, backend)
 
 

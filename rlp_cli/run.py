@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import sys
 import time
@@ -96,6 +97,22 @@ def _signal_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _holding_lease(run: RunFolder):
+    """lease.json while this process works on the folder: a driver on another node, or a second `rlp ablate`,
+    sees the run is taken (rank 0 holds it under torchrun)."""
+    try:
+        lease = runio.Lease(run.lease).__enter__()
+    except runio.LeaseTaken as e:
+        raise UserError(f"{run.path}: this run is being trained right now by process {e.holder.get('pid')} on "
+                        f"{e.holder.get('host')} (its lease.json is fresh). Fix: wait for it, stop it, or pass "
+                        "another --out.") from None
+    try:
+        yield lease
+    finally:
+        lease.__exit__(None, None, None)
+
+
 def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train into out_dir, resuming from its checkpoint if one exists. Returns the final status."""
     import signal
@@ -104,14 +121,7 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
     run = RunFolder(out_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     main = distributed.world_from_env().is_main
-    holder = run.lease_holder() if main else None
-    if holder and holder.get("pid") != os.getpid():
-        raise UserError(f"{run.path}: this run is being trained right now by process {holder.get('pid')} on "
-                        f"{holder.get('host')} (its lease.json is fresh). Fix: wait for it, stop it, or pass another "
-                        "--out.")
-    # lease.json while this process works on the folder: a driver on another node, or a second
-    # `rlp ablate`, sees the run is taken (rank 0 holds it under torchrun)
-    with runio.Lease(run.lease) if main else contextlib.nullcontext():
+    with _holding_lease(run) if main else contextlib.nullcontext():
         if threading.current_thread() is not threading.main_thread():
             return _train(config, run, progress)
         # a terminated run, or one whose terminal was closed, is marked resumable, not left "running"
@@ -136,7 +146,7 @@ def _train(config: TrainConfig, run: RunFolder, progress: bool) -> dict:
         if main:
             _clear_leftovers(run)
             runio.write_yaml(run.config, config.to_dict())
-            _write_status(run, "running", step=0, pid=os.getpid())
+            _write_status(run, "running", step=0, pid=os.getpid(), host=platform.node())
         trainer = Trainer(config, run.path)
         resumed = trainer.load_checkpoint(run.checkpoint)
         if main:
@@ -181,7 +191,7 @@ def _train(config: TrainConfig, run: RunFolder, progress: bool) -> dict:
                 if every and trainer.step % every == 0 and not trainer.done():
                     trainer.save_checkpoint(run.checkpoint)
                     if main:
-                        _write_status(run, "running", step=trainer.step, pid=os.getpid())
+                        _write_status(run, "running", step=trainer.step, pid=os.getpid(), host=platform.node())
         finally:
             bar.close()
         status = {"status": "completed", "updated": runio.now(), "step": trainer.step,
@@ -190,8 +200,8 @@ def _train(config: TrainConfig, run: RunFolder, progress: bool) -> dict:
             return status
         if config.log.save_final:
             _save_final(trainer, run)
-        shutil.rmtree(run.checkpoint, ignore_errors=True)  # the final model supersedes it
         runio.write_json(run.status_file, status)
+        shutil.rmtree(run.checkpoint, ignore_errors=True)  # the final model supersedes it (once it is recorded)
         ended = "completed"
         return status
     except KeyboardInterrupt:
@@ -207,10 +217,12 @@ def _train(config: TrainConfig, run: RunFolder, progress: bool) -> dict:
         step = trainer.step if trainer is not None else 0
         failure = storage_failure(e, f"writing {run.path} at step {step}")
         if failure is None:
-            _record_end(run, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            if main:
+                _record_end(run, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
             raise
         failure.step = step
-        _record_end(run, "failed", error=str(failure), step=step)
+        if main:
+            _record_end(run, "failed", error=str(failure), step=step)
         raise failure from None
     except Exception as e:
         if main:

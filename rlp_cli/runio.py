@@ -72,18 +72,22 @@ def strict_json_values(value: Any) -> Any:
 
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one line; a failed write (disk full) is cut back off, so the file never ends in half a row."""
-    line = json.dumps(strict_json_values(row), default=float, allow_nan=False) + "\n"
-    with open(path, "a") as fh:
-        size = fh.tell()
+    data = (json.dumps(strict_json_values(row), default=float, allow_nan=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
         try:
-            fh.write(line)
-            fh.flush()
+            view = memoryview(data)
+            while view:  # unbuffered: nothing is left in a buffer to fail again later
+                view = view[os.write(fd, view):]
         except OSError:
             try:
-                fh.truncate(size)
+                os.ftruncate(fd, size)
             except OSError:
                 pass  # the reader skips a torn last line, and a resume rewrites the file
             raise
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -142,29 +146,46 @@ def provenance(**extra) -> dict:
 LEASE_TTL_S = 120.0  # a lease not refreshed for this long is stale: its holder died without a word (kill -9, node lost)
 
 
+class LeaseTaken(Exception):
+    """Another live process holds the lease: `holder` is its {host, pid, updated}."""
+
+    def __init__(self, holder: dict):
+        super().__init__(f"held by process {holder.get('pid')} on {holder.get('host')}")
+        self.holder = holder
+
+
 class Lease:
     """lease.json while a run trains: which host and process hold it, refreshed every LEASE_TTL_S / 4 seconds.
 
     A driver on another node, or a second `rlp ablate` on the same folder, sees a fresh lease and does
-    not start the run twice; a stale one (the holder was killed) means the run may be resumed.
+    not start the run twice; a stale one (the holder was killed) may be taken over. Entering raises
+    LeaseTaken when another live process holds it.
     """
 
     def __init__(self, path: Path, ttl: float = LEASE_TTL_S):
         self.path, self.ttl = Path(path), ttl
+        self.me = {"host": platform.node(), "pid": os.getpid()}
         self._stop = None
         self._thread = None
 
+    def _mine(self, lease: dict | None) -> bool:
+        return isinstance(lease, dict) and all(lease.get(k) == v for k, v in self.me.items())
+
     def _write(self) -> None:
         try:
-            write_json(self.path, {"host": platform.node(), "pid": os.getpid(), "updated": time.time(),
-                                   "ttl_s": self.ttl})
+            write_json(self.path, {**self.me, "updated": time.time(), "ttl_s": self.ttl})
         except OSError:
             pass  # a full disk: the run itself reports it; a missing refresh only makes the lease look stale sooner
 
     def __enter__(self) -> "Lease":
         import threading
 
+        holder = lease_holder(self.path)
+        if holder and not self._mine(holder):
+            raise LeaseTaken(holder)
         self._write()
+        if not self._mine(read_json(self.path)):  # another process took it in the same instant
+            raise LeaseTaken(read_json(self.path) or {})
         self._stop = threading.Event()
 
         def refresh():
@@ -178,17 +199,23 @@ class Lease:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.path.unlink(missing_ok=True)
+        if self._mine(read_json(self.path)):  # never remove a lease another process has taken since
+            self.path.unlink(missing_ok=True)
 
 
 def lease_holder(path: Path) -> dict | None:
-    """The holder of a fresh lease ({host, pid, updated}), or None when there is none or it is stale."""
+    """The holder of a fresh lease ({host, pid, updated}), or None when there is none or it is stale.
+
+    Fresh: refreshed within its ttl, and, on this host, its process still alive (a kill -9 frees it at once).
+    """
     lease = read_json(path)
     if not isinstance(lease, dict) or not isinstance(lease.get("updated"), (int, float)):
         return None
-    if lease.get("host") == platform.node():  # on this machine the process itself can be asked
-        return lease if _process_alive(lease.get("pid")) else None
-    return lease if time.time() - lease["updated"] < float(lease.get("ttl_s", LEASE_TTL_S)) else None
+    if time.time() - lease["updated"] >= float(lease.get("ttl_s", LEASE_TTL_S)):
+        return None
+    if lease.get("host") == platform.node() and not _process_alive(lease.get("pid")):
+        return None
+    return lease
 
 
 def _process_alive(pid) -> bool:

@@ -329,7 +329,8 @@ class Trainer:
             inputs.prediction_first_prob = rollouts.prediction_first_prob
         self.model.train()
         rewards = self.reward.fn(inputs).to(self.device).float()  # [N]
-        check_finite(self.step + 1, reward=rewards)
+        if not self.world.active:  # data parallel: a NaN reward reaches every rank through the gradient sum,
+            check_finite(self.step + 1, reward=rewards)  # so all ranks fail together at the grad_norm check
 
         # Group-relative advantages (eq. 7) and the clipped surrogate over sampled tokens (eq. 8).
         advantages = O.group_advantages(rewards.view(-1, g)).view(-1)

@@ -99,3 +99,20 @@ def test_several_gpus_per_run_make_slots_of_several_gpus_and_runs_over_torchrun(
         make_slots("0", None, 1, gpus_per_slot=2)
     with pytest.raises(UserError, match="no GPU is visible"):
         make_slots("cpu", None, 1, gpus_per_slot=2)
+
+
+def test_rlp_train_refuses_a_folder_leased_elsewhere_and_a_lease_is_released_only_by_its_holder(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    runio.write_json(run / "lease.json", {"host": "node-7.cluster", "pid": 4242, "updated": time.time()})
+    r = subprocess.run([sys.executable, "-m", "rlp_cli.cli", "train", "tiny", "--out", str(run)], env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "being trained right now by process 4242 on node-7.cluster" in " ".join(
+        r.stderr.split()), r.stderr
+    assert not (run / "metrics.jsonl").exists()
+
+    lease = runio.Lease(tmp_path / "mine.json").__enter__()
+    other = {"host": "node-7.cluster", "pid": 4242, "updated": time.time()}
+    runio.write_json(tmp_path / "mine.json", other)  # taken over (ours looked stale to someone)
+    lease.__exit__(None, None, None)
+    assert runio.read_json(tmp_path / "mine.json") == other  # not ours to delete

@@ -205,16 +205,16 @@ class SlurmBackend:
         """Everything submitted since the last poll goes out as one job array."""
         if not self.pending:
             return
-        pending, self.pending = self.pending, []
         env = phase_env(self.cpus)
-        if len(pending) == 1:
-            job, argv, log = pending[0]
+        if len(self.pending) == 1:
+            job, argv, log = self.pending[0]
             self.jobs[job] = self.executor.submit(run_phase, argv, env | group_env(job), log)
-            return
-        with self.executor.batch():
-            submitted = [(job, self.executor.submit(run_phase, argv, env | group_env(job), log))
-                         for job, argv, log in pending]
-        self.jobs.update(submitted)
+        else:
+            with self.executor.batch():
+                submitted = [(job, self.executor.submit(run_phase, argv, env | group_env(job), log))
+                             for job, argv, log in self.pending]
+            self.jobs.update(submitted)
+        self.pending = []  # only once submitted: a refused submission stays pending (and is reported)
 
     def poll(self) -> list[tuple[Job, int]]:
         self._flush()

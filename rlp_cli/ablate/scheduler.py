@@ -388,6 +388,10 @@ class Scheduler:
             except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
                 self.backend.kill()
             raise
+        except Exception:  # a backend that failed (sbatch refused, a lost Ray cluster): stop what runs, then report
+            self.say("[red]the scheduler failed: stopping the running children; every run stays resumable[/red]")
+            self.stop_children()
+            raise
         finally:
             if live is not None:
                 live.update(self.table())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -209,7 +210,8 @@ def run_state(folder: Path, want: EvalWanted | None) -> str:
         if want is None or eval_done(folder, want):
             return "done"
         return "failed" if eval_failed(folder, want) else "eval"
-    if run.lease_holder() or (state == "running" and _rlp_process_alive(status.get("pid"))):
+    here = status.get("host", platform.node()) == platform.node()  # a pid means something only on its own host
+    if run.lease_holder() or (state == "running" and here and _rlp_process_alive(status.get("pid"))):
         return "busy"  # a process (here, or on another node of the cluster) is training it right now
     if state == "failed":
         return "failed"
