@@ -124,8 +124,11 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
     with _holding_lease(run) if main else contextlib.nullcontext():
         if threading.current_thread() is not threading.main_thread():
             return _train(config, run, progress)
-        # a terminated run, or one whose terminal was closed, is marked resumable, not left "running"
-        previous = {sig: signal.signal(sig, _signal_as_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        # a terminated run, or one whose terminal was closed, is marked resumable, not left "running". SIGINT is
+        # set too: a process started in the background of a script inherits it ignored, and rlp ablate stops
+        # its children with SIGINT first
+        previous = {sig: signal.signal(sig, _signal_as_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP,
+                                                                                signal.SIGINT)}
         try:
             return _train(config, run, progress)
         finally:

@@ -38,7 +38,9 @@ def run_phase(argv: list[str], env: dict[str, str], log: str) -> int:
     """
     argv = [sys.executable] + argv[1:]  # this node's Python, not the driver's path
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    # SIGTERM (scancel) and SIGINT (ray.cancel, submitit's local cancel; a worker started in the background
+    # of a script inherits it ignored) both stop the command cleanly
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     with open(log, "a") as fh:
         fh.write(f"\n=== rlp ablate on {os.uname().nodename}: {' '.join(argv)}\n")
         fh.flush()
@@ -63,8 +65,8 @@ def run_phase(argv: list[str], env: dict[str, str], log: str) -> int:
                     continue
             raise
         finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _interrupt(signum, frame):

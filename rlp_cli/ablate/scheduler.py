@@ -359,7 +359,8 @@ class Scheduler:
         """Start jobs while the backend has room until the queue is empty; Ctrl-C, SIGTERM or SIGHUP stops every
         child cleanly."""
         # SIGTERM (a scheduler, kill) and SIGHUP (the terminal closed) stop the grid as Ctrl-C does
-        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        # (and SIGINT, which a process started in the background of a script inherits ignored)
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
         live = None
         order = {id(job): i for i, job in enumerate(self.jobs)}
         try:
