@@ -629,7 +629,7 @@ def evaluate(target: str | Path, suite: str = "quick", out: Path | None = None, 
     reuse: return an existing eval.json at `out` when it was made with the same suite, settings, seed
     and weights (an ablation re-run does not evaluate twice).
     """
-    from rlp_cli.models import configure_threads, load_model, resolve_device
+    from rlp_cli.models import configure_cpu, load_model, resolve_device
 
     started = time.time()
     log = _logger(verbose)
@@ -657,7 +657,7 @@ def evaluate(target: str | Path, suite: str = "quick", out: Path | None = None, 
         from rlp_cli import lm_eval_tasks as local_tasks
 
         fingerprint["lm_eval"] = {"version": lm_eval_version(), "local_tasks_version": local_tasks.VERSION}
-    configure_threads(cfg.threads)
+    configure_cpu(cfg.threads)
     dev = resolve_device(device)
     from rlp_cli.models import resolve_model_dir
 

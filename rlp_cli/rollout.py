@@ -19,6 +19,8 @@ Layout: context b has rollouts b*G ... b*G+G-1 (rollout index = b*G + g).
 
 from __future__ import annotations
 
+import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -208,7 +210,10 @@ class Cursor:
                 room[..., :length, :] = old
                 setattr(layer, "_room_" + name, room)
                 setattr(layer, name, room[..., :length, :])
-            layer.update = _append_in_place.__get__(layer)
+            # through a weak reference: a bound method would make each layer a reference cycle, and the
+            # cache (~300 MB for SmolLM2 at the reference setting) would live on until Python's cycle
+            # collector happened to run, raising the update's peak memory
+            layer.update = functools.partial(_append_in_place, weakref.proxy(layer))
 
     def feed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Append a block [N, k] (mask 0 = a slot this row skips); return its logits [N, k, V]."""
@@ -233,9 +238,10 @@ class _TokenLogProb(torch.autograd.Function):
     """log softmax(logits / T)[token] and the entropy of softmax(logits / T), without a full log_softmax.
 
     logp = z[token] - logsumexp(z) with z = logits / T, computed over chunks of rows. Only the logits
-    are saved for backward (no [N, S, V] log_softmax output, no temperature-scaled copy): with a 49k
-    vocabulary each such copy of a batch of thoughts is hundreds of MB. The entropy is a metric and
-    carries no gradient.
+    and the per-row logsumexp are saved for backward (no [N, S, V] log_softmax output, no
+    temperature-scaled copy): with a 49k vocabulary each such copy of a batch of thoughts is hundreds
+    of MB. p = exp(z - lse) reuses the logsumexp, here and in backward, instead of a second softmax.
+    The entropy is a metric and carries no gradient.
     """
 
     @staticmethod
@@ -244,16 +250,18 @@ class _TokenLogProb(torch.autograd.Function):
         flat, flat_tokens = logits.reshape(-1, vocab), tokens.reshape(-1, 1)
         dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits are scored in float32
         logp = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
-        entropy = torch.empty_like(logp)
+        entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
         step = max(1, CHUNK_ELEMENTS // vocab)
         for a in range(0, flat.shape[0], step):
             z = _scaled(flat[a:a + step], dtype, temperature, banned)
-            lse = torch.logsumexp(z, dim=-1)
-            logp[a:a + step] = z.gather(-1, flat_tokens[a:a + step]).squeeze(-1) - lse
-            # H = -sum p log p = lse - sum p z (banned slots: p = 0, and 0 * -inf is taken as 0)
-            p = torch.softmax(z, dim=-1)
-            entropy[a:a + step] = lse - (p * z.masked_fill(p == 0, 0.0)).sum(-1)
-        ctx.save_for_backward(logits, tokens)
+            chunk_lse = lse[a:a + step] = torch.logsumexp(z, dim=-1)
+            logp[a:a + step] = z.gather(-1, flat_tokens[a:a + step]).squeeze(-1) - chunk_lse
+            # H = -sum p log p = lse - sum p z; banned slots have p = 0 and z = -inf: zeroed, 0 * 0 = 0
+            p = (z - chunk_lse.unsqueeze(-1)).exp_()
+            if banned is not None:
+                z.index_fill_(-1, banned, 0.0)
+            entropy[a:a + step] = chunk_lse - torch.linalg.vecdot(p, z)
+        ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature, ctx.banned = temperature, banned
         logp, entropy = logp.view(tokens.shape), entropy.view(tokens.shape)
         ctx.mark_non_differentiable(entropy)
@@ -261,7 +269,7 @@ class _TokenLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits, tokens = ctx.saved_tensors
+        logits, tokens, lse = ctx.saved_tensors
         t, vocab = ctx.temperature, logits.shape[-1]
         flat, flat_tokens = logits.reshape(-1, vocab), tokens.reshape(-1, 1)
         flat_grad = grad_logp.reshape(-1, 1)
@@ -270,13 +278,14 @@ class _TokenLogProb(torch.autograd.Function):
         for a in range(0, flat.shape[0], step):
             g = flat_grad[a:a + step]
             # d logp / d z = onehot(token) - softmax(z); d z / d logits = 1 / T
-            chunk = torch.softmax(_scaled(flat[a:a + step], g.dtype, t, ctx.banned), dim=-1).mul_(-g)
-            chunk.scatter_add_(-1, flat_tokens[a:a + step], g)
+            chunk = _scaled(flat[a:a + step], g.dtype, t, ctx.banned).sub_(lse[a:a + step].unsqueeze(-1)).exp_()
+            chunk.mul_(-g).scatter_add_(-1, flat_tokens[a:a + step], g)
             grad_logits[a:a + step] = chunk.div_(t)
         return grad_logits.view(logits.shape), None, None, None
 
 
 def _scaled(logits: torch.Tensor, dtype, temperature: float, banned: torch.Tensor | None) -> torch.Tensor:
+    """logits / T in `dtype`, banned ids at -inf: always a new tensor, which callers may change in place."""
     z = logits.to(dtype) / temperature
     return z if banned is None else z.index_fill_(-1, banned, float("-inf"))
 
@@ -299,17 +308,19 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
 
     banned: token ids the policy never emits (EOS, chat-control tokens, <think>): their logits are -inf,
     here and in token_logprobs, so the sampled and the trained distribution are the same one.
-    torch.multinomial took 4x as long as the whole log_softmax on a 49k vocabulary on CPU. A float32
-    cumsum changes any token's probability by at most ~1 ulp of 1 (6e-8), far below sampling noise.
+    torch.multinomial took 4x as long as the whole log_softmax on a 49k vocabulary on CPU. The CDF is
+    the running sum of exp(z - max z), unnormalised (u is drawn in [0, total)): three passes over the
+    vocabulary instead of a log_softmax, an exp and a cumsum. A float32 cumsum changes any token's
+    probability by at most ~1 ulp of the total (6e-8), far below sampling noise.
     """
-    z = logits.float() / temperature
-    if banned is not None:
-        z = z.index_fill(-1, banned, float("-inf"))
-    logp = torch.log_softmax(z, dim=-1)
-    cdf = logp.exp().cumsum(-1)
-    u = torch.rand((logp.shape[0], 1), generator=generator, device=logp.device) * cdf[:, -1:]
-    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logp.shape[-1] - 1)
-    return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    z = _scaled(logits, torch.float32, temperature, banned)
+    top = z.amax(-1, keepdim=True)
+    cdf = (z - top).exp_().cumsum_(-1)
+    total = cdf[:, -1:]
+    u = torch.rand((z.shape[0], 1), generator=generator, device=z.device) * total
+    tok = torch.searchsorted(cdf, u, right=True).clamp_(max=z.shape[-1] - 1)
+    logp = z.gather(-1, tok) - top - total.log()
+    return tok.squeeze(-1), logp.squeeze(-1)
 
 
 def _compact(tokens: torch.Tensor, keep: torch.Tensor, actions: torch.Tensor, logps: torch.Tensor, pad_id: int):

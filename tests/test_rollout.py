@@ -192,6 +192,14 @@ def test_token_logprobs_match_log_softmax_with_exact_gradients(monkeypatch):
     assert torch.allclose(entropy, -(ref.exp() * ref).sum(-1))
     assert not entropy.requires_grad
     assert torch.autograd.gradcheck(lambda x: R.token_logprobs(x, tokens, 0.7)[0], (logits,))
+    # banned ids: probability 0 in both, and no NaN from 0 * -inf in the entropy
+    banned = torch.tensor([0, 4])
+    tokens = tokens.clamp(min=5)
+    logp, entropy = R.token_logprobs(logits, tokens, 0.7, banned)
+    ref = torch.log_softmax((logits / 0.7).index_fill(-1, banned, float("-inf")), dim=-1)
+    assert torch.allclose(logp, ref.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+    assert torch.allclose(entropy, -torch.special.xlogy(ref.exp(), ref.exp()).sum(-1))
+    assert torch.autograd.gradcheck(lambda x: R.token_logprobs(x, tokens, 0.7, banned)[0], (logits,))
 
 
 def test_sampler_draws_from_the_softmax():
@@ -329,3 +337,40 @@ def test_update_counts_sampled_tokens_only_with_ragged_closed_and_forced_thought
     loss.backward()
     for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_sparse_tied_embedding_gradient_and_fused_adamw_match_the_dense_ones(tiny):
+    """The trainer's speed-ups of the update (train.sparse_embedding_gradient, make_optimizer) change no number."""
+    from types import SimpleNamespace
+
+    from rlp_cli.objective import clipped_surrogate
+    from rlp_cli.rollout import policy_update
+    from rlp_cli.train import make_optimizer, sparse_embedding_gradient
+
+    windows, contexts = _contexts(tiny)
+    ro = _sample(tiny, contexts, seed=7, max_thought_tokens=8)
+    n, pad = ro.seq.shape[0], tiny.tokenizer.pad_token_id
+    adv = torch.linspace(-1, 1, n)
+
+    def share(rows, logp):
+        return clipped_surrogate(logp, logp.detach(), adv[rows], ro.action_mask[rows], 0.2, 0.2) * (
+            rows.stop - rows.start) / n
+
+    settings = SimpleNamespace(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    dense, fast = copy.deepcopy(tiny.model), copy.deepcopy(tiny.model)
+    sparse_embedding_gradient(fast)
+    assert fast.get_input_embeddings().sparse and not dense.get_input_embeddings().sparse
+    reference = torch.optim.AdamW(list(dense.parameters()), foreach=True, **vars(settings))
+    fused = make_optimizer(list(fast.parameters()), settings, torch.device("cpu"))
+    assert fused.param_groups[0]["fused"]
+    for _ in range(2):  # two steps: the second one uses the moments of the first
+        for model, opt in ((dense, reference), (fast, fused)):
+            opt.zero_grad(set_to_none=True)
+            policy_update(model, contexts, ro, G, 0.7, pad, share, contexts_per_chunk=1)
+            weight = model.get_input_embeddings().weight
+            assert weight.grad is not None and not weight.grad.is_sparse  # the head's dense gradient absorbed it
+        for p, q in zip(dense.parameters(), fast.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-7, rtol=1e-5)
+        reference.step(), fused.step()
+    for (name, p), q in zip(dense.named_parameters(), fast.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
