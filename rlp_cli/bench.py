@@ -287,8 +287,10 @@ def run_bench(cfg, warmup: int, steps: int, log=print) -> dict:
     machine.update(load_average_before=load_before, during_timed_steps=machine_load(counters_before, counters_after))
     if hasattr(os, "getloadavg"):
         machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    precision = reward_drift_vs_float32(trainer) if next(trainer.model.parameters()).dtype != torch.float32 else None
     return {
         "kind": "rlp bench",
+        "precision_vs_float32": precision,
         "path": "fast" if cfg.fast_path else "naive",
         "model": cfg.model.name,
         "warmup_steps": warmup, "timed_steps": steps, "setup_s": setup_s,
@@ -300,6 +302,49 @@ def run_bench(cfg, warmup: int, steps: int, log=print) -> dict:
                                        model_source=trainer.model_source),
         "config": cfg.to_dict(),
     }
+
+
+def reward_drift_vs_float32(trainer) -> dict | None:
+    """What a low-precision policy does to the reward: the last step's thoughts scored both ways.
+
+    The info gain is S_pred - S_ema, and the EMA teacher is float32 in both runs, so the reward's
+    difference is S_pred(model.dtype policy) - S_pred(float32 copy of the master weights) on the same
+    prompts and thoughts (naive_s_pred: prompt + thought + </think> re-encoded). It is set against the
+    spread the advantages see: the reward's standard deviation within each context's G thoughts.
+    """
+    import torch
+
+    from rlp_cli.rollout import naive_s_pred
+
+    batch = getattr(trainer, "last_batch", None)
+    if not batch or batch["rollouts"].s_pred is None:
+        return None
+    contexts, rollouts, g = batch["contexts"], batch["rollouts"], trainer.cfg.objective.num_rollouts
+    reference = copy.deepcopy(trainer.model).float().eval()
+    with torch.no_grad():
+        for p, master in zip(reference.parameters(), trainer.master.params):
+            p.copy_(master)
+    low, _ = naive_s_pred(trainer.model.eval(), contexts, rollouts, g, trainer.close_id, trainer.pad_id)
+    full, _ = naive_s_pred(reference, contexts, rollouts, g, trainer.close_id, trainer.pad_id)
+    trainer.model.train()
+    drift = (low[:, 0].float() - full[:, 0].float()).cpu()
+    within = batch["rewards"].float().cpu().view(-1, g).std(dim=-1).mean()
+    return {"dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""), "thoughts": len(drift),
+            "info_gain_difference_mean": float(drift.mean()), "info_gain_difference_mean_abs": float(drift.abs().mean()),
+            "info_gain_difference_max_abs": float(drift.abs().max()),
+            "reward_std_within_groups": float(within),
+            "advantage_rank_agreement": _rank_agreement(full[:, 0].cpu().view(-1, g), low[:, 0].float().cpu().view(-1, g))}
+
+
+def _rank_agreement(a, b) -> float:
+    """Fraction of same-context thought pairs that the two scorings order the same way (ties count as agreeing)."""
+    agree = total = 0
+    for x, y in zip(a.tolist(), b.tolist()):
+        for i in range(len(x)):
+            for j in range(i + 1, len(x)):
+                total += 1
+                agree += (x[i] - x[j]) * (y[i] - y[j]) >= 0
+    return agree / total if total else 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,6 +562,13 @@ def render(result: dict, console) -> None:
     if s["cpu_utilization"]["median"] < 0.8:
         console.print(f"[yellow]note[/yellow]: the steps got {100 * s['cpu_utilization']['median']:.0f}% of "
                       f"{threads} core(s); other processes were competing, so wall times are inflated.")
+    drift = result.get("precision_vs_float32")
+    if drift:
+        console.print(f"{drift['dtype']} policy vs float32 on the same {drift['thoughts']} thoughts: info gain differs by "
+                      f"{drift['info_gain_difference_mean']:+.4f} on average (mean |difference| "
+                      f"{drift['info_gain_difference_mean_abs']:.4f}, max {drift['info_gain_difference_max_abs']:.4f}); "
+                      f"the reward's spread within a context's thoughts is {drift['reward_std_within_groups']:.4f}, and "
+                      f"{100 * drift['advantage_rank_agreement']:.0f}% of thought pairs keep their order")
     if "trl" in result:
         t = result["trl"]
         console.print(f"TRL {t['trl_version']} GRPOTrainer, same setting: {_fmt(t['step_time_s']['median'], 's')} "

@@ -83,3 +83,16 @@ def test_bench_refuses_zero_steps(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--steps", "0", "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "--steps" in str(result.exception) + result.output
+
+
+def test_bench_of_a_bfloat16_policy_reports_its_reward_drift_against_float32(tmp_path):
+    result, output = _bench(tmp_path, "--set", "model.dtype=bfloat16")
+    drift = result["precision_vs_float32"]
+    assert drift["dtype"] == "bfloat16" and drift["thoughts"] == 4 * 8
+    # bf16 rounding moves S_pred, but far less than the spread between thoughts that the advantages use
+    assert 0 < drift["info_gain_difference_mean_abs"] <= drift["info_gain_difference_max_abs"]
+    assert drift["info_gain_difference_mean_abs"] < drift["reward_std_within_groups"]
+    assert 0.5 < drift["advantage_rank_agreement"] <= 1.0
+    assert "policy vs float32 on the same 32 thoughts" in " ".join(output.split())
+    float32, _ = _bench(tmp_path / "f32")
+    assert float32["precision_vs_float32"] is None
