@@ -8,6 +8,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("RLP_NUM_THREADS"):
+    # Tests that call rlp functions directly (not through a command) get the same thread count as the
+    # commands: on a busy 2-core machine, default threads made a 2 s test take 2 minutes.
+    from rlp_cli.models import configure_threads  # noqa: E402
+
+    configure_threads(None)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
