@@ -11,6 +11,8 @@ The fast path (RLP_SPEC section 5):
 - the update forwards each prefix once with gradients and runs the G thoughts against its repeated
   cache (policy_update: a chunk of contexts at a time, to bound activation memory);
 - log-probabilities as logit - logsumexp in chunks (token_logprobs): no [N, S, V] log_softmax.
+- one decoding loop (decode) for the trainer's thoughts and rpt predictions and for `rlp eval`'s greedy
+  and sampled thoughts and answers: one sampler, per-row stop rules, finished rows can leave the batch.
 The naive path re-encodes prefix + thought for every scoring and runs one EMA forward per context.
 Both give the same numbers to floating-point tolerance (tests/test_rollout.py).
 
@@ -119,7 +121,7 @@ def _append_in_place(layer, key_states, value_states, *args, **kwargs):
     """DynamicLayer.update for a layer given spare room by Cursor.reserve: write the new positions into it."""
     start, stop = layer.keys.shape[-2], layer.keys.shape[-2] + key_states.shape[-2]
     if stop > layer._room_keys.shape[-2]:  # out of room: back to concatenation
-        del layer.update
+        del layer.update, layer._room_keys, layer._room_values
         return layer.update(key_states, value_states, *args, **kwargs)
     layer._room_keys[..., start:stop, :] = key_states
     layer._room_values[..., start:stop, :] = value_states
@@ -215,8 +217,28 @@ class Cursor:
             # collector happened to run, raising the update's peak memory
             layer.update = functools.partial(_append_in_place, weakref.proxy(layer))
 
-    def feed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Append a block [N, k] (mask 0 = a slot this row skips); return its logits [N, k, V]."""
+    @torch.no_grad()
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the rows at `index`: finished rows leave the batch, and later steps no longer compute them.
+
+        The reserved room is selected with the rows (one copy of the kept rows' cache), so appending
+        stays in place.
+        """
+        for layer in self.cache.layers:
+            if hasattr(layer, "_room_keys"):
+                length = layer.keys.shape[-2]
+                for name in ("keys", "values"):
+                    room = getattr(layer, "_room_" + name).index_select(0, index)
+                    setattr(layer, "_room_" + name, room)
+                    setattr(layer, name, room[..., :length, :])
+            else:
+                layer.batch_select_indices(index)
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        self.logits = self.logits[index]
+
+    def feed(self, ids: torch.Tensor, mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Append a block [N, k] (mask 0 = a slot this row skips); return its logits [N, k, V] (or the last
+        logits_to_keep of them)."""
         pos = _positions(mask, self.next_pos)
         self.mask = torch.cat([self.mask, mask.long()], dim=1)
         attention = self.mask
@@ -225,7 +247,7 @@ class Cursor:
             # mask construction (12% of a decoding call of the tiny model). Every row keeps at least
             # its prompt visible, so no query row is fully masked.
             attention = self.mask.bool()[:, None, None, :]
-        self.logits, self.cache = forward(self.model, ids, attention, pos, self.cache)
+        self.logits, self.cache = forward(self.model, ids, attention, pos, self.cache, logits_to_keep)
         self.next_pos = self.next_pos + mask.long().sum(-1)
         self.tokens += ids.numel()
         return self.logits
@@ -336,6 +358,114 @@ def _compact(tokens: torch.Tensor, keep: torch.Tensor, actions: torch.Tensor, lo
     return put(tokens, pad_id), put(keep.long(), 0), put(actions.long(), 0), put(logps, 0.0)
 
 
+# --------------------------------------------------------------------------------------------
+# The decoding engine: one token-by-token loop for the trainer's thoughts and predictions and for `rlp eval`
+
+
+DROP_FINISHED_FRACTION = 0.25  # decode(drop_finished=True) compacts the batch once this share of its rows is done
+
+
+@dataclass
+class Decoded:
+    """What decode emitted, step by step: [N, U], U <= max_tokens (the loop ends once every row has stopped)."""
+    tokens: torch.Tensor  # [N, U] the emitted tokens; pad_id where the row had already ended
+    mask: torch.Tensor  # [N, U] bool: the row emitted this token
+    logp: torch.Tensor  # [N, U] log-prob of a sampled token under softmax(logits / T); 0 for greedy picks and pads
+    stopped: torch.Tensor  # [N] bool: ended by the stop rule; the other rows were cut at max_tokens, and their
+    #                        last token is not in the cache yet
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator, banned: torch.Tensor | None,
+          greedy: torch.Tensor | bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its sampling log-prob: argmax where greedy (log-prob 0), else _sample.
+
+    Random numbers are drawn for the sampled rows only, so an all-sampled batch (the trainer's) draws
+    exactly what _sample alone would.
+    """
+    if greedy is False:
+        return _sample(logits, temperature, generator, banned)
+    z = logits if banned is None else logits.index_fill(-1, banned, float("-inf"))
+    tok, logp = z.argmax(-1), torch.zeros(logits.shape[0], device=logits.device)
+    if greedy is not True:
+        sampled = (~greedy).nonzero().squeeze(-1)
+        if sampled.numel():
+            tok[sampled], logp[sampled] = _sample(logits[sampled], temperature, generator, banned)
+    return tok, logp
+
+
+@torch.no_grad()
+def decode(cur: Cursor, logits: torch.Tensor, *, max_tokens: int, temperature: float, generator: torch.Generator,
+           pad_id: int, stop=None, keep_stop_token: bool = True, greedy: torch.Tensor | bool = False,
+           banned: torch.Tensor | None = None, drop_finished: bool = False) -> Decoded:
+    """Extend every row of `cur` token by token, starting from `logits` [N, V] (after its last fed token).
+
+    Each step picks one token per live row (_pick: argmax where `greedy` is True or a row's mask is set,
+    or temperature is 0; else the inverse-CDF sampler, without the `banned` tokens). `stop(tokens, alive)`
+    -> [N] bool ends a row at this step's token (a rule with state, such as an answer's first newline,
+    keeps it per row); keep_stop_token: that token is the row's last output (a sampled </think>), or it
+    is not part of the output (the first token of the next word after an rpt prediction). Ended rows emit
+    pad_id. The picks are fed back into the cache (ended rows as masked slots, into the room reserved by
+    Cursor.reserve), except after the last step: a row cut at max_tokens has its last token still to feed.
+    drop_finished: once DROP_FINISHED_FRACTION of the cursor's rows have ended, they leave it (Cursor.keep)
+    and later steps compute only the live rows; the caller must not use the cursor afterwards.
+    """
+    n, device = logits.shape[0], logits.device
+    greedy = True if temperature == 0 else greedy
+    alive = torch.ones(n, dtype=torch.bool, device=device)
+    stopped = torch.zeros_like(alive)
+    rows = None  # the row of each cursor row once ended rows have left the cursor (None: all n, in order)
+    tokens, logps, masks = [], [], []
+    for u in range(max_tokens):
+        row_greedy = greedy if isinstance(greedy, bool) or rows is None else greedy[rows]
+        tok, lp = _pick(logits, temperature, generator, banned, row_greedy)
+        if rows is not None:  # back to all n rows
+            tok = torch.full((n,), pad_id, dtype=tok.dtype, device=device).index_copy_(0, rows, tok)
+            lp = torch.zeros(n, dtype=lp.dtype, device=device).index_copy_(0, rows, lp)
+        ends = alive & stop(tok, alive) if stop is not None else torch.zeros_like(alive)
+        emitted = alive if keep_stop_token else alive & ~ends
+        tokens.append(torch.where(emitted, tok, torch.full_like(tok, pad_id)))
+        logps.append(torch.where(emitted, lp, 0.0))
+        masks.append(emitted)
+        stopped |= ends
+        alive = alive & ~ends
+        if u == max_tokens - 1 or not alive.any():
+            break
+        if drop_finished:
+            rows = _drop_finished(cur, alive, rows)
+        live = alive if rows is None else alive[rows]
+        logits = cur.feed(tokens[-1].unsqueeze(-1) if rows is None else tokens[-1][rows].unsqueeze(-1),
+                          live.unsqueeze(-1))[:, -1]
+    return Decoded(tokens=torch.stack(tokens, 1), mask=torch.stack(masks, 1), logp=torch.stack(logps, 1),
+                   stopped=stopped)
+
+
+def _drop_finished(cur: Cursor, alive: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Let ended rows leave the cursor once they are DROP_FINISHED_FRACTION of it; return the rows it holds.
+
+    A dropped row saves a forward slot at every later step; dropping copies the kept rows' cache once,
+    so it waits until enough rows have ended (measured in `rlp bench --eval`).
+    """
+    live = alive if rows is None else alive[rows]
+    if int(live.sum()) > (1 - DROP_FINISHED_FRACTION) * live.numel():
+        return rows
+    index = live.nonzero().squeeze(-1)
+    cur.keep(index)
+    return index if rows is None else rows[index]
+
+
+class WordEnd:
+    """rpt's stop rule: a new word begins after a written one (that token is not part of the prediction)."""
+
+    def __init__(self, classes: TokenClasses, n: int, device):
+        self.classes = classes
+        self.has_word = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def __call__(self, tok: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        ends = self.has_word & self.classes.word_start[tok]
+        self.has_word |= alive & ~ends & ~self.classes.blank[tok]
+        return ends
+
+
 @torch.no_grad()
 def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_thought_tokens: int,
                     temperature: float, close_id: int, pad_id: int, generator: torch.Generator,
@@ -362,25 +492,12 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
     # room for the thought, the pending token, </think>, the bridge and the scored or written tokens
     cur.reserve(max_thought_tokens + 2 + k_bridge + max(len(contexts[0].targets), prediction_tokens))
     n = ids.shape[0] * g
-    logits = cur.logits[:, -1]
 
-    alive = torch.ones(n, dtype=torch.bool, device=device)
-    closed = torch.zeros(n, dtype=torch.bool, device=device)
-    thought, thought_logp, thought_mask = [], [], []
-    for u in range(max_thought_tokens):
-        tok, lp = _sample(logits, temperature, generator, banned)
-        tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
-        thought.append(tok)
-        thought_logp.append(torch.where(alive, lp, 0.0))
-        thought_mask.append(alive.clone())
-        closed |= alive & (tok == close_id)
-        alive &= tok != close_id
-        if u == max_thought_tokens - 1 or not alive.any():
-            break
-        logits = cur.feed(tok.unsqueeze(-1), alive.unsqueeze(-1))[:, -1]
-    thought_t = torch.stack(thought, 1)
-    thought_m = torch.stack(thought_mask, 1)
-    # Rows still alive were cut at the length limit: their last sampled token is not in the cache yet.
+    thought = decode(cur, cur.logits[:, -1], max_tokens=max_thought_tokens, temperature=temperature,
+                     generator=generator, pad_id=pad_id, stop=lambda tok, alive: tok == close_id, banned=banned)
+    thought_t, thought_m, closed = thought.tokens, thought.mask, thought.stopped
+    # Rows that did not close were cut at the length limit: their last sampled token is not in the cache yet.
+    alive = ~closed
     pending = torch.where(alive, thought_t[:, -1], torch.full_like(thought_t[:, -1], pad_id))
     closing = torch.full((n,), close_id, dtype=torch.long, device=device)
     bridge = torch.tensor([c.bridge for c in contexts], dtype=torch.long, device=device).view(len(contexts), k_bridge)
@@ -408,32 +525,17 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
     if prediction_tokens > 0:
         if score_targets and horizon > 1:
             raise ValueError("a reward that needs both S_pred with horizon > 1 and a written prediction is not supported")
-        logits = block_logits[:, first_target]
-        writing = torch.ones(n, dtype=torch.bool, device=device)
-        has_word = torch.zeros(n, dtype=torch.bool, device=device)
-        toks, logps, masks = [], [], []
-        for k in range(prediction_tokens):
-            tok, lp = _sample(logits, temperature, generator, banned)
-            if k == 0:
-                pred_first_prob = lp.exp()
-            if classes is not None:  # a new word begins after a written one: the prediction is complete
-                writing &= ~(has_word & classes.word_start[tok])
-            tok = torch.where(writing, tok, torch.full_like(tok, pad_id))
-            toks.append(tok)
-            logps.append(torch.where(writing, lp, 0.0))
-            masks.append(writing.clone())
-            if classes is not None:
-                has_word |= writing & ~classes.blank[tok]
-            if k == prediction_tokens - 1 or not writing.any():
-                break
-            logits = cur.feed(tok.unsqueeze(-1), writing.unsqueeze(-1))[:, -1]
-        pred_t, pred_logp_t, pred_m = torch.stack(toks, 1), torch.stack(logps, 1), torch.stack(masks, 1)
+        stop = WordEnd(classes, n, device) if classes is not None else None  # else: at the length limit only
+        pred = decode(cur, block_logits[:, first_target], max_tokens=prediction_tokens, temperature=temperature,
+                      generator=generator, pad_id=pad_id, stop=stop, keep_stop_token=False, banned=banned)
+        pred_t, pred_logp_t, pred_m = pred.tokens, pred.logp, pred.mask
+        pred_first_prob = pred_logp_t[:, 0].exp()  # no row ends at its first token: a word needs one written first
         prediction_ids = [[t for t, m in zip(row, row_mask) if m]
                           for row, row_mask in zip(pred_t.tolist(), pred_m.tolist())]
 
     # Compact each rollout into [thought tokens, (</think> if forced), bridge, prediction tokens], right-padded.
     thought_lengths = thought_m.sum(1)
-    pieces = [(thought_t, thought_m, thought_m, torch.stack(thought_logp, 1))]
+    pieces = [(thought_t, thought_m, thought_m, thought.logp)]
     if prediction_tokens > 0:
         forced = ~closed.unsqueeze(1)
         bridge_m = torch.ones_like(bridge, dtype=torch.bool)
