@@ -11,9 +11,9 @@ import torch  # noqa: E402
 if os.environ.get("RLP_NUM_THREADS"):
     # Tests that call rlp functions directly (not through a command) get the same thread count as the
     # commands: on a busy 2-core machine, default threads made a 2 s test take 2 minutes.
-    from rlp_cli.models import configure_threads  # noqa: E402
+    from rlp_cli.models import configure_cpu  # noqa: E402
 
-    configure_threads(None)
+    configure_cpu(None)
 
 
 def pytest_collection_modifyitems(config, items):
