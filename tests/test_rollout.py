@@ -241,6 +241,31 @@ def test_prompts_forwarded_without_padding_give_the_same_numbers(tiny, monkeypat
         assert torch.allclose(grads[True][1][name], grads[False][1][name], atol=1e-5, rtol=1e-4), name
 
 
+def test_prompts_prefilled_in_groups_give_the_same_numbers(tiny, monkeypatch):
+    """rlp eval's prefill: runs of prompts of similar length forwarded together, then repeated with room."""
+    import rlp_cli.rollout as R
+
+    tok = tiny.tokenizer
+    texts = ["a b", "one two", "one two three", "the river runs north", "the river runs north through the valley"]
+    ids, mask = R._left_pad([tok(t, add_special_tokens=False).input_ids for t in texts], tok.pad_token_id, "cpu")
+    lengths = mask.sum(1).tolist()
+    groups = R._prefill_groups(lengths, 0.3)
+    assert len(groups) < len(texts) and any(len(g) > 1 for g in groups), groups
+    assert R._prefill_groups(lengths, None) == [[i] for i in range(len(texts))]  # the trainer's: each alone
+    monkeypatch.setattr(R, "UNPADDED_PREFILL", False)
+    padded = R.Cursor(tiny.model, ids, mask, logits_to_keep=1)
+    monkeypatch.setattr(R, "UNPADDED_PREFILL", True)
+    grouped = R.Cursor(tiny.model, ids, mask, logits_to_keep=1, prefill_padding=0.3)
+    assert torch.allclose(padded.logits, grouped.logits, atol=1e-5)
+    assert int(mask.sum()) < grouped.tokens < padded.tokens
+    step = torch.tensor([[5], [6], [7], [8], [9]]).repeat_interleave(2, 0)
+    with torch.no_grad():
+        padded.repeat(2)
+        grouped.repeat(2, reserve=3)
+        assert torch.allclose(padded.feed(step, torch.ones_like(step)), grouped.feed(step, torch.ones_like(step)),
+                              atol=1e-5)
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_update_in_chunks_of_contexts_accumulates_the_whole_batch_gradient(tiny, fast):
     from rlp_cli.objective import clipped_surrogate
