@@ -26,6 +26,7 @@ EVAL_SEED_BASE, two billion, with a disjoint block of seeds per (eval seed, task
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -39,7 +40,10 @@ from rlp_cli import runio
 from rlp_cli.errors import UserError
 from rlp_cli.runfolder import RunFolder, samples_beside
 
-SUITE_VERSION = 1  # bump when a task, its generator settings or the template changes
+SUITE_VERSION = 2  # bump when a task, its generator settings, the template or the sampled random stream changes
+# 2: generation runs on the trainer's engine (rollout.decode): thoughts are drawn by its inverse-CDF sampler, for
+#    the sampled rows only, in batches across tasks ordered by prompt length, so sampled thoughts (pass@1,
+#    information gain) differ from version 1; greedy rows are the same up to float ties between batch shapes.
 EVAL_SEED_BASE = 2_000_000_000  # far from training seeds (run seed + 1_000_003 + task index + item index)
 SEED_STRIDE = 100_000  # seed block per eval --seed value
 TASK_STRIDE = 5_000  # seed block per task inside it, so also the most items a task may have
@@ -86,7 +90,7 @@ class SuiteSettings:
     answer_tokens: int = 16  # answer length limit (the answer also ends at a newline)
     temperature: float = 0.7  # for the sampled thoughts
     think: bool = True  # false: answer right after the question, no thought
-    batch_size: int = 16  # problems per generation batch (each becomes 1 + samples rows)
+    batch_size: int = 80  # problems per generation batch (each becomes 1 + samples rows), across tasks (run_suite)
     tasks: Optional[list[str]] = None  # a subset of the suite's tasks
     heldout_windows: int = 16  # held-out windows for the perplexity (0 skips the intrinsic metrics)
     info_gain_contexts: int = 16  # held-out positions that get sampled thoughts
@@ -185,122 +189,174 @@ def score(dataset, entry: dict, generated: str) -> tuple[str, float, bool]:
 
 
 # --------------------------------------------------------------------------------------------
-# Generation: batched, one KV cache per batch of problems, greedy + k sampled thoughts per problem
+# Generation: the trainer's decoding engine (rollout.decode) over batches of problems from the whole suite
+
+
+PREFILL_PADDING = 0.1  # prompts (sorted by length) are prefilled in groups with up to this share of padding
+
+
+class PhaseClock:
+    """Seconds per phase of generation and token counts, for `rlp bench --eval`; on CUDA each boundary
+    synchronises, so queued kernels are billed to the phase that launched them."""
+
+    def __init__(self, device=None):
+        self.cuda = device is not None and device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def count(self, key: str, n: int) -> None:
+        self.counts[key] = self.counts.get(key, 0) + int(n)
+
+    def _sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+
+class AnswerEnd:
+    """The stop rule of an answer: its first newline after some text (leading blank lines do not end it),
+    or </think> or EOS. Per-token tables (models.LineTokens), so no step decodes text."""
+
+    def __init__(self, lines, stop_ids: list[int], n: int, device):
+        import torch
+
+        self.lines, self.stop_ids = lines, torch.tensor(stop_ids, dtype=torch.long, device=device)
+        self.has_text = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def __call__(self, tok, alive):
+        import torch
+
+        ends = self.lines.newline[tok] & (self.has_text | self.lines.text_first[tok])
+        self.has_text |= ~self.lines.blank[tok]
+        return ends | torch.isin(tok, self.stop_ids)
 
 
 def generate(model, tok, prompts: list[list[int]], *, samples: int, think: bool, thought_tokens: int,
-             answer_prefix: list[int], answer_tokens: int, temperature: float, close_id: int, generator) -> list[dict]:
+             answer_prefix: list[int], answer_tokens: int, temperature: float, close_id: int, generator,
+             lines=None, drop_finished: bool = True, clock: PhaseClock | None = None) -> list[dict]:
     """For each prompt, 1 + samples rows: row 0 thinks greedily, the others sample; all answer greedily.
 
-    prompts end with <think> when think is set. Returns one dict per row: thought ids, answer ids, closed.
+    prompts end with <think> when think is set. One engine with the trainer (rollout.decode, same sampler
+    and cache): the prompts are forwarded once and their cache repeated per row; thoughts are decoded, then
+    the pending token, </think> and the answer prefix fed as one block, then the answers decoded until
+    each row's first newline (AnswerEnd), rows that finished leaving the batch (drop_finished). lines:
+    models.line_tokens(tok), built here when not given. Returns one dict per row: thought ids, answer
+    ids, closed, greedy.
     """
     import torch
 
-    from rlp_cli.rollout import Cursor, _left_pad
+    from rlp_cli.models import line_tokens
+    from rlp_cli.rollout import Cursor, _left_pad, decode
 
+    phase = clock or (lambda _: contextlib.nullcontext())
     device = next(model.parameters()).device
     pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
     rows_per_prompt = 1 + samples
-    ids, mask = _left_pad(prompts, pad_id, device)
-    n = ids.shape[0] * rows_per_prompt
+    n = len(prompts) * rows_per_prompt
+    greedy_row = torch.arange(n, device=device) % rows_per_prompt == 0
     with torch.no_grad():
-        cur = Cursor(model, ids, mask, logits_to_keep=1)
-        cur.repeat(rows_per_prompt)
-        logits = cur.logits[:, -1]
-        greedy_row = torch.arange(n, device=device) % rows_per_prompt == 0
-
-        thought, thought_mask = [], []
-        alive = torch.ones(n, dtype=torch.bool, device=device)
-        closed = torch.zeros(n, dtype=torch.bool, device=device)
+        with phase("prefill"):
+            ids, mask = _left_pad(prompts, pad_id, device)
+            cur = Cursor(model, ids, mask, logits_to_keep=1, prefill_padding=PREFILL_PADDING)
+            # room for the thought, its pending token, </think>, the answer prefix and the answer
+            cur.repeat(rows_per_prompt, reserve=(thought_tokens + 2 if think else 0) + len(answer_prefix) + answer_tokens)
+            logits = cur.logits[:, -1]
+        lines = (lines or line_tokens(tok, logits.shape[-1])).to(device)
+        block, block_mask = [], []
+        thought = None
         if think:
-            for u in range(thought_tokens):
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-                token = torch.where(greedy_row, logits.argmax(-1), sampled)
-                token = torch.where(alive, token, torch.full_like(token, pad_id))
-                thought.append(token)
-                thought_mask.append(alive.clone())
-                closed |= alive & (token == close_id)
-                alive &= token != close_id
-                if u == thought_tokens - 1 or not alive.any():
-                    break
-                logits = cur.feed(token.unsqueeze(-1), alive.unsqueeze(-1))[:, -1]
+            with phase("thought"):
+                thought = decode(cur, logits, max_tokens=thought_tokens, temperature=temperature,
+                                 generator=generator, pad_id=pad_id, stop=lambda t, alive: t == close_id,
+                                 greedy=greedy_row)
             # Like the trainer: a sampled </think> is never fed, one </think> is fed after every thought;
             # a thought cut at the limit first feeds its last sampled token.
-            pending = torch.where(alive, thought[-1], torch.full_like(thought[-1], pad_id))
-            block = [pending, torch.full_like(pending, close_id)]
-            block_mask = [alive, torch.ones_like(alive)]
-        else:
-            block, block_mask = [], []
+            cut = ~thought.stopped
+            block = [torch.where(cut, thought.tokens[:, -1], pad_id), torch.full((n,), close_id, device=device)]
+            block_mask = [cut, torch.ones_like(cut)]
         for t in answer_prefix:
             block.append(torch.full((n,), t, dtype=torch.long, device=device))
             block_mask.append(torch.ones(n, dtype=torch.bool, device=device))
-        if block:
-            logits = cur.feed(torch.stack(block, 1), torch.stack(block_mask, 1).long())[:, -1]
+        with phase("answer"):
+            if block:
+                logits = cur.feed(torch.stack(block, 1), torch.stack(block_mask, 1).long(), logits_to_keep=1)[:, -1]
+            stop = AnswerEnd(lines, [close_id] + ([eos_id] if eos_id is not None else []), n, device)
+            answer = decode(cur, logits, max_tokens=answer_tokens, temperature=temperature, generator=generator,
+                            pad_id=pad_id, stop=stop, greedy=True, drop_finished=drop_finished)
+        if clock is not None:
+            clock.count("forward_tokens", cur.tokens)
+            clock.count("generated_tokens", answer.mask.sum() + (thought.mask.sum() if think else 0))
 
-        answer, answer_mask = [], []
-        writing = torch.ones(n, dtype=torch.bool, device=device)
-        has_text = [False] * n  # leading blank lines do not end an answer; the first newline after text does
-        for k in range(answer_tokens):
-            token = torch.where(writing, logits.argmax(-1), torch.full((n,), pad_id, dtype=torch.long, device=device))
-            answer.append(token)
-            answer_mask.append(writing.clone())
-            texts = tok.batch_decode(token.unsqueeze(-1).tolist())
-            ends = [("\n" in s and (has_text[i] or bool(s.split("\n", 1)[0].strip()))) for i, s in enumerate(texts)]
-            has_text = [h or bool(s.strip()) for h, s in zip(has_text, texts)]
-            stop = torch.tensor(ends, device=device) | (token == close_id)
-            if eos_id is not None:
-                stop |= token == eos_id
-            writing &= ~stop
-            if k == answer_tokens - 1 or not writing.any():
-                break
-            logits = cur.feed(token.unsqueeze(-1), writing.unsqueeze(-1))[:, -1]
+    def kept(dec, i):
+        return [t for t, m in zip(dec.tokens[i].tolist(), dec.mask[i].tolist()) if m]
 
-    def kept(steps, masks, i):
-        return [int(t) for t, m in zip((s[i] for s in steps), (m[i] for m in masks)) if bool(m)]
+    return [{"thought_ids": kept(thought, i) if think else [],
+             "answer_ids": [t for t in kept(answer, i) if t != eos_id],
+             "closed": bool(thought.stopped[i]) if think else False, "greedy": bool(greedy_row[i])}
+            for i in range(n)]
 
-    out = []
-    for i in range(n):
-        out.append({"thought_ids": kept(thought, thought_mask, i) if think else [],
-                    "answer_ids": [t for t in kept(answer, answer_mask, i) if t != eos_id],
-                    "closed": bool(closed[i]), "greedy": bool(greedy_row[i])})
-    return out
+
+def suite_prompts(tok, problems: list[Problem], prompt_ids: list[int], open_id: int | None) -> list[list[int]]:
+    """thought_prompt + "Question: <q>\n" (+ <think> when the model thinks), token ids per problem."""
+    return [prompt_ids + tok(QUESTION_TEMPLATE.format(question=p.question.strip()), add_special_tokens=False).input_ids
+            + ([open_id] if open_id is not None else []) for p in problems]
 
 
 def run_suite(model, tok, problems: list[Problem], datasets: dict, settings: SuiteSettings, *, prompt_ids: list[int],
-              open_id: int, close_id: int, generator, log=None) -> list[dict]:
-    """Generate and score every problem; one record per (problem, row)."""
+              open_id: int, close_id: int, generator, log=None, clock: PhaseClock | None = None) -> list[dict]:
+    """Generate and score every problem; one record per (problem, row), in suite order.
+
+    Batches of settings.batch_size problems are drawn from the whole suite, not task by task, in order
+    of prompt length: fewer and fuller batches (a decoding step costs about the same for 24 rows as for
+    96 on a CPU), and prompts of similar length share a batch, so little left padding is cached.
+    """
+    from rlp_cli.models import line_tokens
+
+    phase = clock or (lambda _: contextlib.nullcontext())
     answer_prefix = tok(ANSWER_PREFIX, add_special_tokens=False).input_ids
     samples = settings.samples if settings.think else 0  # without a thought every row would be the same greedy answer
+    prompts = suite_prompts(tok, problems, prompt_ids, open_id if settings.think else None)
+    order = sorted(range(len(problems)), key=lambda i: (len(prompts[i]), i))
+    lines = line_tokens(tok, model.get_output_embeddings().weight.shape[0])
+    rows_of: dict[int, list[dict]] = {}
+    start = time.perf_counter()
+    for b in range(0, len(order), settings.batch_size):
+        batch = order[b:b + settings.batch_size]
+        rows = generate(model, tok, [prompts[i] for i in batch], samples=samples, think=settings.think,
+                        thought_tokens=settings.thought_tokens, answer_prefix=answer_prefix,
+                        answer_tokens=settings.answer_tokens, temperature=settings.temperature,
+                        close_id=close_id, generator=generator, lines=lines, clock=clock)
+        for j, row in enumerate(rows):
+            rows_of.setdefault(batch[j // (1 + samples)], []).append(row)
+    seconds = time.perf_counter() - start
     records = []
-    by_task: dict[str, list[Problem]] = {}
-    for p in problems:
-        by_task.setdefault(p.task, []).append(p)
-    for task, task_problems in by_task.items():
-        start = time.perf_counter()
-        for b in range(0, len(task_problems), settings.batch_size):
-            batch = task_problems[b:b + settings.batch_size]
-            prompts = [prompt_ids + tok(QUESTION_TEMPLATE.format(question=p.question.strip()),
-                                        add_special_tokens=False).input_ids + ([open_id] if settings.think else [])
-                       for p in batch]
-            rows = generate(model, tok, prompts, samples=samples, think=settings.think,
-                            thought_tokens=settings.thought_tokens, answer_prefix=answer_prefix,
-                            answer_tokens=settings.answer_tokens, temperature=settings.temperature,
-                            close_id=close_id, generator=generator)
-            for j, row in enumerate(rows):
-                p = batch[j // (1 + samples)]
+    with phase("scoring"):
+        for i, p in enumerate(problems):
+            for k, row in enumerate(rows_of[i]):
                 generated = tok.decode(row["answer_ids"])
-                extracted, value, correct = score(datasets[task], p.entry, generated)
-                records.append({"task": task, "group": p.group, "doc_id": p.index, "dataset_seed": p.seed,
-                                "sample": "greedy" if row["greedy"] else j % (1 + samples) - 1,
-                                "question": p.question, "target": p.answer,
-                                "thought": tok.decode(row["thought_ids"]), "thought_tokens": len(row["thought_ids"]),
-                                "thought_closed": row["closed"], "generated": generated, "answer": extracted,
-                                "score": value, "correct": correct})
-        if log:
+                extracted, value, correct = score(datasets[p.task], p.entry, generated)
+                records.append({"task": p.task, "group": p.group, "doc_id": p.index, "dataset_seed": p.seed,
+                                "sample": "greedy" if row["greedy"] else k - 1, "question": p.question,
+                                "target": p.answer, "thought": tok.decode(row["thought_ids"]),
+                                "thought_tokens": len(row["thought_ids"]), "thought_closed": row["closed"],
+                                "generated": generated, "answer": extracted, "score": value, "correct": correct})
+    if log:
+        for task in dict.fromkeys(p.task for p in problems):
             done = [r for r in records if r["task"] == task and r["sample"] == "greedy"]
-            log(f"  {task:<22} acc {sum(r['correct'] for r in done) / len(done):6.1%}  "
-                f"({len(task_problems)} problems, {time.perf_counter() - start:.1f} s)")
+            log(f"  {task:<22} acc {sum(r['correct'] for r in done) / len(done):6.1%}  ({len(done)} problems)")
+        log(f"  generated {len(problems)} problems in {seconds:.1f} s ({len(problems) / seconds:.2f} problems/s, "
+            f"batches of {settings.batch_size} across tasks)")
     return records
 
 
@@ -366,7 +422,7 @@ def intrinsic_metrics(model, tok, cfg, settings: SuiteSettings, *, prompt_ids: l
 
     from rlp_cli.data import load_documents, split_documents, token_windows
     from rlp_cli.models import token_classes
-    from rlp_cli.rollout import sample_thoughts, thought_context, window_logprobs
+    from rlp_cli.rollout import sample_thoughts, thought_context
 
     d = cfg.data
     docs = load_documents(d.corpus, d.num_documents, cfg.seed, d.text_field, d.txt_split)
@@ -378,13 +434,8 @@ def intrinsic_metrics(model, tok, cfg, settings: SuiteSettings, *, prompt_ids: l
         return {"heldout_perplexity": None, "heldout_info_gain": None, **info,
                 "note": "the held-out split has no window long enough"}
     pad_id = tok.pad_token_id
-    nll, count, no_think = 0.0, 0, []
-    for b in range(0, len(windows), 16):
-        lps, _ = window_logprobs(model, windows[b:b + 16], pad_id)
-        for lp in lps:
-            nll -= float(lp[1:].sum())
-            count += len(lp) - 1
-            no_think.append(lp)
+    no_think = _heldout_logprobs(model, windows, pad_id)
+    nll, count = -sum(float(lp[1:].sum()) for lp in no_think), sum(len(lp) - 1 for lp in no_think)
 
     # One position per window (as RLP v2 trains), drawn with a fixed rng.
     rng = np.random.default_rng([seed, 11])
@@ -397,10 +448,10 @@ def intrinsic_metrics(model, tok, cfg, settings: SuiteSettings, *, prompt_ids: l
     gains, s_preds = [], []
     classes = token_classes(tok, open_id, close_id, model.get_output_embeddings().weight.shape[0])
     # the no-think side sees the same instruction as the thinking side (as in training and the probe)
-    prompted = window_logprobs(model, [prompt_ids + w for w in windows[:len(contexts)]], pad_id)[0] \
+    prompted = _heldout_logprobs(model, [prompt_ids + w for w in windows[:len(contexts)]], pad_id) \
         if prompt_ids else no_think
-    for b in range(0, len(contexts), 8):
-        chunk = contexts[b:b + 8]
+    for b in range(0, len(contexts), 16):  # 64 rows at a time: a decoding step costs less per row than at 32
+        chunk = contexts[b:b + 16]
         rollouts = sample_thoughts(model, chunk, num_rollouts=g, max_thought_tokens=settings.thought_tokens,
                                    temperature=cfg.objective.temperature, close_id=close_id, pad_id=pad_id,
                                    generator=generator, score_targets=True, token_classes=classes)
@@ -415,6 +466,16 @@ def intrinsic_metrics(model, tok, cfg, settings: SuiteSettings, *, prompt_ids: l
             "heldout_s_pred": sum(s_preds) / len(s_preds), "info_gain_contexts": len(contexts),
             "info_gain_rollouts": g, "thought_tokens": settings.thought_tokens,
             "temperature": cfg.objective.temperature, "info_gain_baseline": BASELINE_NOTE, **info}
+
+
+def _heldout_logprobs(model, windows: list[list[int]], pad_id: int) -> list:
+    """rollout.window_logprobs of each window: one by one on a CPU, where a right-padded batch computes its
+    padding and the logits there (windows of up to data.max_context_tokens, about half of them padding in
+    the quick suite's 16), in batches of 16 elsewhere."""
+    from rlp_cli.rollout import window_logprobs
+
+    step = 1 if next(model.parameters()).device.type == "cpu" else 16
+    return [lp for b in range(0, len(windows), step) for lp in window_logprobs(model, windows[b:b + step], pad_id)[0]]
 
 
 # --------------------------------------------------------------------------------------------

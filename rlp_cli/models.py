@@ -267,6 +267,29 @@ def token_classes(tok, think_open_id: int, think_close_id: int, vocab_size: int 
     return TokenClasses(banned=torch.tensor(banned, dtype=torch.long), word_start=word_start, blank=blank)
 
 
+@dataclass
+class LineTokens:
+    """Where a token's text puts a line break, built once per tokenizer (line_tokens below): an answer ends at
+    its first newline after some text, and testing that on [V] tables costs nothing per decoding step."""
+    newline: torch.Tensor  # [V] bool: the token's text holds a newline
+    text_first: torch.Tensor  # [V] bool: its text before the first newline is not only white space
+    blank: torch.Tensor  # [V] bool: its text is only white space (or empty)
+
+    def to(self, device) -> "LineTokens":
+        return LineTokens(self.newline.to(device), self.text_first.to(device), self.blank.to(device))
+
+
+def line_tokens(tok, vocab_size: int | None = None) -> LineTokens:
+    """Each token decoded alone, as `rlp eval` used to decode each step's tokens; rows past the tokenizer
+    (output padding) are empty text."""
+    vocab_size = vocab_size or len(tok)
+    known = min(vocab_size, len(tok))
+    texts = tok.batch_decode([[i] for i in range(known)]) + [""] * (vocab_size - known)
+    return LineTokens(newline=torch.tensor(["\n" in t for t in texts]),
+                      text_first=torch.tensor([t.split("\n", 1)[0].strip() != "" for t in texts]),
+                      blank=torch.tensor([t.strip() == "" for t in texts]))
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -139,6 +139,57 @@ def test_batched_greedy_generation_equals_one_sequence_at_a_time(tiny):
         assert got == [t for t in answer if t != tok.eos_token_id][:len(got)] and len(got) >= 1
 
 
+def test_batching_across_tasks_and_dropping_finished_rows_keep_the_greedy_rows(tiny, monkeypatch):
+    """Prompts of all tasks in one batch, rows that finished their answer leaving it: every greedy row equals
+    the same prompt generated alone (and a plain one-sequence-at-a-time forward)."""
+    import copy
+
+    import rlp_cli.rollout as R
+    from rlp_cli.models import LineTokens
+
+    tok, close = tiny.tokenizer, tiny.think_close_id
+    model = copy.deepcopy(tiny.model)  # the tiny model repeats one token: noise makes its answers differ
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=noise) * 0.2)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    # a quarter of the vocabulary "ends a line", so answers end after different numbers of tokens
+    lines = LineTokens(newline=torch.arange(vocab) % 4 == 0, text_first=torch.ones(vocab, dtype=torch.bool),
+                       blank=torch.zeros(vocab, dtype=torch.bool))
+    problems, _ = E.build_suite("quick", seed=0, settings=_settings(n_per_task=2))
+    prompts = E.suite_prompts(tok, problems, [], tiny.think_open_id)
+    prefix = tok(E.ANSWER_PREFIX, add_special_tokens=False).input_ids
+    kw = dict(samples=1, think=True, thought_tokens=4, answer_prefix=prefix, answer_tokens=8, temperature=1.0,
+              close_id=close, lines=lines)
+    kept = []
+    keep = R.Cursor.keep
+    monkeypatch.setattr(R.Cursor, "keep", lambda self, index: (kept.append(len(index)), keep(self, index))[1])
+    batched = E.generate(model, tok, prompts, generator=torch.Generator().manual_seed(0), **kw)[::2]
+    assert kept and len({len(r["answer_ids"]) for r in batched}) > 2, "the test needs rows that finish early"
+    kept.clear()
+    for prompt, row in zip(prompts, batched):
+        alone = E.generate(model, tok, [prompt], generator=torch.Generator().manual_seed(1), drop_finished=False,
+                           **kw)[0]
+        assert (alone["thought_ids"], alone["answer_ids"]) == (row["thought_ids"], row["answer_ids"])
+        thought = _naive_greedy(model, prompt, 4, lambda t: t == close)
+        body = thought[:-1] if thought[-1] == close else thought
+        answer = _naive_greedy(model, prompt + body + [close] + prefix, 8,
+                               lambda t: t % 4 == 0 or t in (close, tok.eos_token_id))
+        assert (row["thought_ids"], row["answer_ids"]) == (thought, [t for t in answer if t != tok.eos_token_id])
+    assert not kept
+
+    # run_suite: batches across tasks give each greedy record what one problem per batch gives
+    def greedy(batch_size):
+        settings = _settings(n_per_task=2, thought_tokens=3, answer_tokens=3, batch_size=batch_size)
+        _, datasets = E.build_suite("quick", seed=0, settings=settings)
+        records = E.run_suite(model, tok, problems, datasets, settings, prompt_ids=[], open_id=tiny.think_open_id,
+                              close_id=close, generator=torch.Generator().manual_seed(0))
+        return [(r["task"], r["doc_id"], r["thought"], r["generated"]) for r in records if r["sample"] == "greedy"]
+
+    assert greedy(7) == greedy(1)
+
+
 def test_settings_split_between_suite_and_run_config():
     settings, cfg = E.parse_settings("quick", ["n_per_task=3", "eval.samples=0", "tasks=chain_sum,gcd",
                                                "data.corpus=general", "think=false"])
