@@ -13,6 +13,10 @@ waited for a core, and its wall time says more about the neighbours than about r
 The reference setting (issue 5): G=8 thoughts of up to 32 tokens for each of 4 contexts cut from
 windows of 128 tokens, with a tiny learning rate so the weights barely move while timing.
 
+`--eval` times `rlp eval`'s generation instead (run_eval_bench): problems/s of a suite on a model,
+split into prefill, thought decoding, answer decoding and scoring, with the intrinsic metrics
+(held-out perplexity and information gain) timed apart.
+
 `--vs-trl` runs the same setting through Hugging Face TRL's GRPOTrainer (an optional extra, never
 a dependency of rlp): the same prompts (x_<t + <think>), an information-gain reward that re-encodes
 prompt + thought with the policy and x_<t with an EMA teacher, and a callback that updates the
@@ -348,6 +352,107 @@ def _rank_agreement(a, b) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# `rlp bench --eval`: the generation of `rlp eval`
+
+EVAL_PHASES = ["prefill", "thought", "answer", "scoring"]  # evaluate.generate / run_suite's PhaseClock
+
+
+def run_eval_bench(cfg, suite: str, settings, seed: int = 0, log=print) -> dict:
+    """Time `rlp eval MODEL --suite SUITE`'s generation and scoring, by phase; the intrinsic metrics apart.
+
+    The same problems, prompts, settings and random stream as `rlp eval` with that seed (nothing is
+    written but the result); an untimed generation of one problem warms the model up first.
+    """
+    import dataclasses
+
+    import torch
+
+    from rlp_cli import evaluate as E
+    from rlp_cli import runio
+    from rlp_cli.models import configure_threads, load_model, resolve_device
+
+    threads = configure_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    loaded = load_model(cfg.model.name, cfg.model.dtype, device)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    rss_after_load = peak_rss_mb()
+    prompt_ids = tok(cfg.objective.thought_prompt, add_special_tokens=False).input_ids if cfg.objective.thought_prompt else []
+    ids = dict(prompt_ids=prompt_ids, open_id=loaded.think_open_id, close_id=loaded.think_close_id)
+    problems, datasets = E.build_suite(suite, seed, settings)
+    warm = dataclasses.replace(settings, thought_tokens=2, answer_tokens=2)
+    E.run_suite(model, tok, problems[:1], datasets, warm, generator=torch.Generator(device=device).manual_seed(seed), **ids)
+    log(f"rlp bench --eval: {cfg.model.name} on {device} ({threads} threads), suite {suite}: {len(problems)} problems "
+        f"x (1 greedy + {settings.samples} sampled) rows, {settings.thought_tokens}-token thoughts, batches of "
+        f"{settings.batch_size} problems")
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    torch.manual_seed(seed)
+    clock = E.PhaseClock(device)
+    load_before = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    counters_before, cpu_start, start = cpu_counters(), time.process_time(), time.perf_counter()
+    records = E.run_suite(model, tok, problems, datasets, settings, generator=generator, clock=clock, **ids)
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    counters_after = cpu_counters()
+    phases = {p: clock.seconds.get(p, 0.0) for p in EVAL_PHASES}
+    phases["other"] = seconds - sum(phases.values())
+    results, groups = E.aggregate(records, {p.task: p.group for p in problems})
+    intrinsic, intrinsic_s = {}, None
+    if settings.heldout_windows > 0:
+        begin = time.perf_counter()
+        intrinsic = E.intrinsic_metrics(model, tok, cfg, settings, generator=generator, seed=seed, **ids)
+        intrinsic_s = time.perf_counter() - begin
+    machine = machine_info(threads)
+    machine.update(load_average_before=load_before, during_generation=machine_load(counters_before, counters_after))
+    if hasattr(os, "getloadavg"):
+        machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    generated = clock.counts.get("generated_tokens", 0)
+    return {
+        "kind": "rlp bench --eval", "path": "eval", "model": cfg.model.name, "suite": suite, "seed": seed,
+        "settings": dataclasses.asdict(settings), "problems": len(problems), "rows": len(records),
+        "generation_s": seconds, "problems_per_s": len(problems) / seconds, "cpu_s": cpu_s,
+        "cpu_utilization": cpu_s / (seconds * threads),
+        "phases_s": phases, "decode_s": phases["thought"] + phases["answer"],
+        "tokens": {"generated": generated, "generated_per_s": generated / seconds,
+                   "forward_slots": clock.counts.get("forward_tokens", 0)},
+        "accuracy": {"acc": groups["overall"]["acc"], "pass@1": groups["overall"]["pass@1"]},
+        "intrinsic_s": intrinsic_s,
+        "intrinsic": {k: intrinsic.get(k) for k in ("heldout_perplexity", "heldout_info_gain")} if intrinsic else {},
+        "memory": {"peak_rss_mb": peak_rss_mb(), "rss_peak_after_load_mb": rss_after_load},
+        "machine": machine, "device": device_info(device),
+        "provenance": runio.provenance(n_params=sum(p.numel() for p in model.parameters()), model_source=loaded.source),
+        "config": cfg.to_dict(),
+    }
+
+
+def render_eval(result: dict, console) -> None:
+    from rich.table import Table
+
+    seconds, threads = result["generation_s"], result["machine"]["torch_threads"]
+    table = Table(title=f"{result['model']}, rlp eval --suite {result['suite']}, {result['device']['name']}, "
+                        f"{threads} threads: {result['problems']} problems", title_justify="left")
+    for col in ("", "seconds", "of generation"):
+        table.add_column(col, justify="right" if col else "left", no_wrap=True)
+    table.add_row("generation + scoring", _fmt(seconds, "s"), "100.0%")
+    for p in EVAL_PHASES + ["other"]:
+        label = {"thought": "decode: thoughts", "answer": "decode: answers"}.get(p, p)
+        table.add_row(f"  {label}", _fmt(result["phases_s"][p], "s"), f"{100 * result['phases_s'][p] / seconds:.1f}%")
+    if result["intrinsic_s"] is not None:
+        table.add_row("intrinsic metrics (apart)", _fmt(result["intrinsic_s"], "s"), "")
+    console.print(table)
+    tokens = result["tokens"]
+    console.print(f"{result['problems_per_s']:.2f} problems/s; {tokens['generated']} tokens generated "
+                  f"({tokens['generated_per_s']:.1f}/s), {tokens['forward_slots']} token slots forwarded; "
+                  f"acc {100 * result['accuracy']['acc']:.1f}%, pass@1 {100 * result['accuracy']['pass@1']:.1f}%")
+    busy = result["machine"].get("during_generation", {})
+    if busy:
+        console.print(f"while generating, the machine's cores were {100 * busy['busy_fraction']:.0f}% busy; load "
+                      f"average before {result['machine']['load_average_before']}")
+    if result["cpu_utilization"] < 0.8:
+        console.print(f"[yellow]note[/yellow]: generation got {100 * result['cpu_utilization']:.0f}% of {threads} "
+                      "core(s); other processes were competing, so wall times are inflated.")
+
+
+# --------------------------------------------------------------------------------------------
 # The same setting through TRL's GRPOTrainer (optional)
 
 
@@ -601,6 +706,10 @@ def register(app: typer.Typer) -> None:
         vs_trl: bool = typer.Option(False, "--vs-trl", help="Also run TRL's GRPOTrainer at the same setting "
                                     "(needs `pip install trl`)."),
         out: Path = typer.Option(Path("bench"), "--out", help="Folder for the JSON result."),
+        eval_: bool = typer.Option(False, "--eval", help="Time `rlp eval`'s generation instead of training steps: "
+                                   "problems/s and its split (prefill, decoding, scoring; intrinsic metrics apart)."),
+        suite: str = typer.Option("quick", "--suite", help="With --eval: the suite (quick | full); --set takes "
+                                  "its settings (n_per_task=4, batch_size=32) besides config keys."),
     ):
         """Time whole RLP steps (G=8, 32 thought tokens, 4 contexts of 128 tokens) and show where time goes."""
         from rich.console import Console
@@ -608,6 +717,9 @@ def register(app: typer.Typer) -> None:
         from rlp_cli import runio
 
         console = Console()
+        if eval_:
+            _bench_eval(model, config, list(set_ or []), suite, naive or vs_trl, out, console)
+            return
         _check_counts(warmup, steps)
         if vs_trl:
             check_trl()  # before minutes of rlp steps, not after
@@ -627,3 +739,23 @@ def register(app: typer.Typer) -> None:
             runio.write_json(path, result)
         render(result, console)
         console.print(f"written {path}")
+
+
+def _bench_eval(model: Optional[str], config: str, overrides: list[str], suite: str, training_flags: bool, out: Path,
+                console) -> None:
+    """`rlp bench --eval`: the eval suite's settings and the run config from --set, no training reference setting."""
+    from rlp_cli import evaluate as E
+    from rlp_cli import runio
+    from rlp_cli.config import load_config
+
+    if training_flags:
+        raise UserError("rlp bench --eval: --naive and --vs-trl time training steps. Fix: drop them, or drop --eval.")
+    if suite not in E.SUITES:
+        raise UserError(f"rlp bench --eval --suite {suite}: unknown suite. Fix: use one of {', '.join(E.SUITES)}.")
+    settings, config_overrides = E.parse_settings(suite, overrides)
+    cfg = load_config(config, ([f"model.name={model}"] if model else []) + config_overrides)
+    result = run_eval_bench(cfg, suite, settings, log=lambda msg: console.print(msg, highlight=False))
+    path = result_path(out, result)
+    runio.write_json(path, result)
+    render_eval(result, console)
+    console.print(f"written {path}")

@@ -96,3 +96,25 @@ def test_bench_of_a_bfloat16_policy_reports_its_reward_drift_against_float32(tmp
     assert "policy vs float32 on the same 32 thoughts" in " ".join(output.split())
     float32, _ = _bench(tmp_path / "f32")
     assert float32["precision_vs_float32"] is None
+
+
+def test_bench_eval_times_the_generation_of_rlp_eval(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--eval", "--model", "tiny", "--out", str(tmp_path),
+                                      "--set", "n_per_task=2", "--set", "tasks=chain_sum,syllogism,gcd",
+                                      "--set", "thought_tokens=4", "--set", "answer_tokens=4", "--set", "batch_size=4",
+                                      "--set", "heldout_windows=2", "--set", "info_gain_contexts=2", *SMALL_CORPUS])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and files[0].name.startswith("tiny-eval-"), result.output
+    data = json.loads(files[0].read_text())
+    assert data["kind"] == "rlp bench --eval" and (data["problems"], data["rows"]) == (6, 6 * 3)
+    assert all(math.isfinite(x) for x in _finite_numbers(data))
+    assert data["problems_per_s"] == pytest.approx(6 / data["generation_s"])
+    phases = data["phases_s"]
+    assert set(phases) == {"prefill", "thought", "answer", "scoring", "other"}
+    assert all(phases[p] > 0 for p in ("prefill", "thought", "answer", "scoring"))
+    assert sum(phases.values()) == pytest.approx(data["generation_s"])
+    assert data["tokens"]["generated"] > 0 and data["intrinsic_s"] > 0
+    assert data["intrinsic"]["heldout_perplexity"] > 1 and 0 <= data["accuracy"]["acc"] <= 1
+    assert "problems/s" in result.output and "decode: thoughts" in result.output
+    assert CliRunner().invoke(app, ["bench", "--eval", "--naive", "--model", "tiny", "--out", str(tmp_path)]).exit_code != 0
