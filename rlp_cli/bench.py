@@ -369,9 +369,9 @@ def run_eval_bench(cfg, suite: str, settings, seed: int = 0, log=print) -> dict:
 
     from rlp_cli import evaluate as E
     from rlp_cli import runio
-    from rlp_cli.models import configure_threads, load_model, resolve_device
+    from rlp_cli.models import configure_cpu, load_model, resolve_device
 
-    threads = configure_threads(cfg.threads)
+    threads = configure_cpu(cfg.threads)
     device = resolve_device(cfg.device)
     loaded = load_model(cfg.model.name, cfg.model.dtype, device)
     model, tok = loaded.model.eval(), loaded.tokenizer
