@@ -103,7 +103,7 @@ class SuiteSettings:
 SUITES: dict[str, tuple[list[Task], SuiteSettings, str]] = {
     "quick": (QUICK_TASKS, SuiteSettings(),
               "10 tasks x 8 problems, easy generator settings, 16-token thoughts, greedy + pass@1 over 2 samples: "
-              "seconds on `tiny`, a few minutes for smollm2-135m on a CPU"),
+              "seconds on `tiny`, about a minute for smollm2-135m on a 2-core CPU"),
     "full": (FULL_TASKS, SuiteSettings(n_per_task=100, samples=4, thought_tokens=256, answer_tokens=32,
                                        batch_size=32, heldout_windows=512, info_gain_contexts=128,
                                        info_gain_rollouts=8),
