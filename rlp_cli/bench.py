@@ -14,7 +14,7 @@ The reference setting (issue 5): G=8 thoughts of up to 32 tokens for each of 4 c
 windows of 128 tokens, with a tiny learning rate so the weights barely move while timing.
 
 `--eval` times `rlp eval`'s generation instead (run_eval_bench): problems/s of a suite on a model,
-split into prefill, thought decoding, answer decoding and scoring, with the intrinsic metrics
+split into prefill, thought decoding, the block after it, answer decoding and scoring, with the intrinsic metrics
 (held-out perplexity and information gain) timed apart.
 
 `--vs-trl` runs the same setting through Hugging Face TRL's GRPOTrainer (an optional extra, never
@@ -354,7 +354,7 @@ def _rank_agreement(a, b) -> float:
 # --------------------------------------------------------------------------------------------
 # `rlp bench --eval`: the generation of `rlp eval`
 
-EVAL_PHASES = ["prefill", "thought", "answer", "scoring"]  # evaluate.generate / run_suite's PhaseClock
+EVAL_PHASES = ["prefill", "thought", "block", "answer", "scoring"]  # evaluate.generate / run_suite's PhaseClock
 
 
 def run_eval_bench(cfg, suite: str, settings, seed: int = 0, log=print) -> dict:
@@ -411,7 +411,7 @@ def run_eval_bench(cfg, suite: str, settings, seed: int = 0, log=print) -> dict:
         "settings": dataclasses.asdict(settings), "problems": len(problems), "rows": len(records),
         "generation_s": seconds, "problems_per_s": len(problems) / seconds, "cpu_s": cpu_s,
         "cpu_utilization": cpu_s / (seconds * threads),
-        "phases_s": phases, "decode_s": phases["thought"] + phases["answer"],
+        "phases_s": phases, "decode_s": phases["thought"] + phases["block"] + phases["answer"],
         "tokens": {"generated": generated, "generated_per_s": generated / seconds,
                    "forward_slots": clock.counts.get("forward_tokens", 0)},
         "accuracy": {"acc": groups["overall"]["acc"], "pass@1": groups["overall"]["pass@1"]},
@@ -434,7 +434,8 @@ def render_eval(result: dict, console) -> None:
         table.add_column(col, justify="right" if col else "left", no_wrap=True)
     table.add_row("generation + scoring", _fmt(seconds, "s"), "100.0%")
     for p in EVAL_PHASES + ["other"]:
-        label = {"thought": "decode: thoughts", "answer": "decode: answers"}.get(p, p)
+        label = {"thought": "decode: thoughts", "block": "decode: </think> Answer:",
+                 "answer": "decode: answers"}.get(p, p)
         table.add_row(f"  {label}", _fmt(result["phases_s"][p], "s"), f"{100 * result['phases_s'][p] / seconds:.1f}%")
     if result["intrinsic_s"] is not None:
         table.add_row("intrinsic metrics (apart)", _fmt(result["intrinsic_s"], "s"), "")

@@ -111,8 +111,8 @@ def test_bench_eval_times_the_generation_of_rlp_eval(tmp_path):
     assert all(math.isfinite(x) for x in _finite_numbers(data))
     assert data["problems_per_s"] == pytest.approx(6 / data["generation_s"])
     phases = data["phases_s"]
-    assert set(phases) == {"prefill", "thought", "answer", "scoring", "other"}
-    assert all(phases[p] > 0 for p in ("prefill", "thought", "answer", "scoring"))
+    assert set(phases) == {"prefill", "thought", "block", "answer", "scoring", "other"}
+    assert all(phases[p] > 0 for p in ("prefill", "thought", "block", "answer", "scoring"))
     assert sum(phases.values()) == pytest.approx(data["generation_s"])
     assert data["tokens"]["generated"] > 0 and data["intrinsic_s"] > 0
     assert data["intrinsic"]["heldout_perplexity"] > 1 and 0 <= data["accuracy"]["acc"] <= 1
