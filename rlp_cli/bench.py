@@ -313,31 +313,37 @@ def reward_drift_vs_float32(trainer) -> dict | None:
 
     The info gain is S_pred - S_ema, and the EMA teacher is float32 in both runs, so the reward's
     difference is S_pred(model.dtype policy) - S_pred(float32 copy of the master weights) on the same
-    prompts and thoughts (naive_s_pred: prompt + thought + </think> re-encoded). It is set against the
-    spread the advantages see: the reward's standard deviation within each context's G thoughts.
+    prompts and thoughts (naive_s_pred: prompt + thought + </think> re-encoded).
     """
     import torch
-
-    from rlp_cli.rollout import naive_s_pred
 
     batch = getattr(trainer, "last_batch", None)
     if not batch or batch["rollouts"].s_pred is None:
         return None
-    contexts, rollouts, g = batch["contexts"], batch["rollouts"], trainer.cfg.objective.num_rollouts
-    reference = copy.deepcopy(trainer.model).float().eval()
+    reference = copy.deepcopy(trainer.model).float()
     with torch.no_grad():
         for p, master in zip(reference.parameters(), trainer.master.params):
             p.copy_(master)
-    low, _ = naive_s_pred(trainer.model.eval(), contexts, rollouts, g, trainer.close_id, trainer.pad_id)
-    full, _ = naive_s_pred(reference, contexts, rollouts, g, trainer.close_id, trainer.pad_id)
+    drift = info_gain_drift(trainer.model, reference, trainer)
     trainer.model.train()
-    drift = (low[:, 0].float() - full[:, 0].float()).cpu()
-    within = batch["rewards"].float().cpu().view(-1, g).std(dim=-1).mean()
-    return {"dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""), "thoughts": len(drift),
+    return drift
+
+
+def info_gain_drift(low, reference, trainer) -> dict:
+    """S_pred of the trainer's last thoughts under `low` minus under `reference`, set against the spread
+    the advantages see (the reward's standard deviation within each context's G thoughts) and the share
+    of same-context thought pairs whose order holds. Used by `rlp bench` and bench/bf16_drift.py."""
+    from rlp_cli.rollout import naive_s_pred
+
+    batch, g = trainer.last_batch, trainer.cfg.objective.num_rollouts
+    scores = [naive_s_pred(m.eval(), batch["contexts"], batch["rollouts"], g, trainer.close_id, trainer.pad_id)[0]
+              [:, 0].float().cpu() for m in (low, reference)]
+    drift = scores[0] - scores[1]
+    return {"dtype": str(next(low.parameters()).dtype).replace("torch.", ""), "thoughts": len(drift),
             "info_gain_difference_mean": float(drift.mean()), "info_gain_difference_mean_abs": float(drift.abs().mean()),
             "info_gain_difference_max_abs": float(drift.abs().max()),
-            "reward_std_within_groups": float(within),
-            "advantage_rank_agreement": _rank_agreement(full[:, 0].cpu().view(-1, g), low[:, 0].float().cpu().view(-1, g))}
+            "reward_std_within_groups": float(batch["rewards"].float().cpu().view(-1, g).std(dim=-1).mean()),
+            "advantage_rank_agreement": _rank_agreement(scores[1].view(-1, g), scores[0].view(-1, g))}
 
 
 def _rank_agreement(a, b) -> float:
@@ -354,7 +360,7 @@ def _rank_agreement(a, b) -> float:
 # --------------------------------------------------------------------------------------------
 # `rlp bench --eval`: the generation of `rlp eval`
 
-EVAL_PHASES = ["prefill", "thought", "block", "answer", "scoring"]  # evaluate.generate / run_suite's PhaseClock
+EVAL_PHASES = ["prefill", "thought", "block", "answer", "scoring"]  # evaluate.generate / run_suite's phases
 
 
 def run_eval_bench(cfg, suite: str, settings, seed: int = 0, log=print) -> dict:
@@ -370,6 +376,7 @@ def run_eval_bench(cfg, suite: str, settings, seed: int = 0, log=print) -> dict:
     from rlp_cli import evaluate as E
     from rlp_cli import runio
     from rlp_cli.models import configure_cpu, load_model, resolve_device
+    from rlp_cli.train import PhaseTimer
 
     threads = configure_cpu(cfg.threads)
     device = resolve_device(cfg.device)
@@ -387,7 +394,7 @@ def run_eval_bench(cfg, suite: str, settings, seed: int = 0, log=print) -> dict:
 
     generator = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)
-    clock = E.PhaseClock(device)
+    clock = PhaseTimer(device)
     load_before = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     counters_before, cpu_start, start = cpu_counters(), time.process_time(), time.perf_counter()
     records = E.run_suite(model, tok, problems, datasets, settings, generator=generator, clock=clock, **ids)

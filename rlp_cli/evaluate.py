@@ -34,11 +34,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rlp_cli import runio
 from rlp_cli.errors import UserError
 from rlp_cli.runfolder import RunFolder, samples_beside
+
+if TYPE_CHECKING:
+    from rlp_cli.train import PhaseTimer
 
 SUITE_VERSION = 2  # bump when a task, its generator settings, the template or the sampled random stream changes
 # 2: generation runs on the trainer's engine (rollout.decode): thoughts are drawn by its inverse-CDF sampler, for
@@ -197,35 +200,6 @@ def score(dataset, entry: dict, generated: str) -> tuple[str, float, bool]:
 PREFILL_PADDING = 0.1  # prompts (sorted by length) are prefilled in groups with up to this share of padding
 
 
-class PhaseClock:
-    """Seconds per phase of generation and token counts, for `rlp bench --eval`; on CUDA each boundary
-    synchronises, so queued kernels are billed to the phase that launched them."""
-
-    def __init__(self, device=None):
-        self.cuda = device is not None and device.type == "cuda"
-        self.seconds: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-    def count(self, key: str, n: int) -> None:
-        self.counts[key] = self.counts.get(key, 0) + int(n)
-
-    def _sync(self):
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-
-
 class AnswerEnd:
     """The stop rule of an answer: its first newline after some text (leading blank lines do not end it),
     or </think> or EOS. Per-token tables (models.LineTokens), so no step decodes text."""
@@ -246,7 +220,7 @@ class AnswerEnd:
 
 def generate(model, tok, prompts: list[list[int]], *, samples: int, think: bool, thought_tokens: int,
              answer_prefix: list[int], answer_tokens: int, temperature: float, close_id: int, generator,
-             lines=None, drop_finished: bool = True, clock: PhaseClock | None = None) -> list[dict]:
+             lines=None, drop_finished: bool = True, clock: PhaseTimer | None = None) -> list[dict]:
     """For each prompt, 1 + samples rows: row 0 thinks greedily, the others sample; all answer greedily.
 
     prompts end with <think> when think is set. One engine with the trainer (rollout.decode, same sampler
@@ -317,7 +291,7 @@ def suite_prompts(tok, problems: list[Problem], prompt_ids: list[int], open_id: 
 
 
 def run_suite(model, tok, problems: list[Problem], datasets: dict, settings: SuiteSettings, *, prompt_ids: list[int],
-              open_id: int, close_id: int, generator, log=None, clock: PhaseClock | None = None) -> list[dict]:
+              open_id: int, close_id: int, generator, log=None, clock: PhaseTimer | None = None) -> list[dict]:
     """Generate and score every problem; one record per (problem, row), in suite order.
 
     Batches of settings.batch_size problems are drawn from the whole suite, not task by task, in order

@@ -39,10 +39,14 @@ SUMMED_OVER_RANKS = ("_generated", "_num_tokens", "_flops", "num_contexts")
 
 
 class PhaseTimer:
-    """Wall time per phase of a step (synchronising CUDA so a phase is not billed to the next one)."""
+    """Wall time per phase of a step (synchronising CUDA so a phase is not billed to the next one), and
+    counts a phase may add (`rlp bench --eval`: tokens generated and forwarded)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.seconds = device, {}
+        self.device, self.seconds, self.counts = device, {}, {}
+
+    def count(self, key: str, n) -> None:
+        self.counts[key] = self.counts.get(key, 0) + int(n)
 
     def __call__(self, name: str):
         timer = self
@@ -117,7 +121,7 @@ def make_optimizer(params: list[torch.nn.Parameter], optim, device: torch.device
     took 0.41 s a step and ~0.5 GB of peak memory; the fused one 0.17 s (docs/performance.md).
     Both compute the same update to float rounding.
     """
-    fused = device.type in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    fused = device.type in ("cpu", "cuda")  # the params are MasterWeights': float32, a dtype both kernels take
     return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
                              **({"fused": True} if fused else {}))
 
