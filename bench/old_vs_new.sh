@@ -1,6 +1,6 @@
 #!/bin/bash
 # old and new code alternately, one at a time, same sitting
-cd /tmp  # old: a git worktree of the code before (git worktree add /work/wt-old 8de0e1b)
+cd /tmp  # old: a git worktree of the code before (git worktree add /work/wt-old REV)
 for round in 1 2; do
   for tree in old main; do
     dir=/work/wt-old; [ $tree = main ] && dir=/work/main

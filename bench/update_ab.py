@@ -3,6 +3,7 @@ import sys, time, statistics, torch, os
 from rlp_cli.bench import bench_config
 from rlp_cli.train import Trainer
 from rlp_cli import rollout as R
+from rlp_cli import update as U
 variant = sys.argv[1] if len(sys.argv) > 1 else "base"
 cfg = bench_config("smollm2-135m", [], False)
 tr = Trainer(cfg)
@@ -21,7 +22,7 @@ def loss_fn(rows, logp):
     return (logp * adv[rows].unsqueeze(1)).sum() / logp.shape[0] * (rows.stop - rows.start) / len(adv)
 def update():
     tr.optimizer.zero_grad(set_to_none=True)
-    R.policy_update(tr.model, ctx, ro, g, 1.0, tr.pad_id, loss_fn, True, banned=tr.banned)
+    U.policy_update(tr.model, ctx, ro, g, 1.0, tr.pad_id, loss_fn, True, banned=tr.banned)
     t = time.perf_counter()
     tr.master.take_grads(); torch.nn.utils.clip_grad_norm_(tr.master.params, 1.0); tr.optimizer.step(); tr.master.push_weights()
     return time.perf_counter() - t

@@ -8,8 +8,8 @@ The fast path (RLP_SPEC section 5):
   without its padding;
 - S_pred from the generation cache: `</think>` and the target tokens fed after each thought, with
   per-rollout positions and masks, instead of re-encoding prefix + thought;
-- the update forwards each prefix once with gradients and runs the G thoughts against its repeated
-  cache (policy_update: a chunk of contexts at a time, to bound activation memory);
+- the update (rlp_cli/update.py) forwards each prefix once with gradients and runs the G thoughts
+  against its cache;
 - log-probabilities as logit - logsumexp in chunks (token_logprobs): no [N, S, V] log_softmax.
 - one decoding loop (decode) for the trainer's thoughts and rpt predictions and for `rlp eval`'s greedy
   and sampled thoughts and answers: one sampler, per-row stop rules, finished rows can leave the batch.
@@ -583,95 +583,6 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
     return Rollouts(seq=seq, seq_mask=seq_mask, action_mask=action_mask, thought_lengths=thought_lengths,
                     closed=closed, sample_logp=sample_logp, s_pred=s_pred, prediction_ids=prediction_ids,
                     prediction_first_prob=pred_first_prob, forward_tokens=cur.tokens)
-
-
-# --------------------------------------------------------------------------------------------
-# Log-probabilities of the sampled tokens under the current parameters (with gradients): the update
-
-
-def policy_logprobs(model, contexts: list[Context], rollouts: Rollouts, num_rollouts: int, temperature: float,
-                    pad_id: int, fast: bool = True, banned: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """log pi_theta(seq_u | prompt, seq_<u) for every action slot of rollouts.seq (0 elsewhere), and the entropy.
-
-    Fast: each prompt is forwarded once with gradients, its cache repeated G times, and the thought
-    tokens run against it (the gradient still flows through the shared prefix). Naive: every
-    prompt + thought re-encoded from scratch. Returns (logp [N, S], entropy [N, S], token slots).
-    """
-    device = rollouts.seq.device
-    seq, seq_mask = rollouts.seq, rollouts.seq_mask
-    if fast:
-        ids, mask = _left_pad([c.prompt for c in contexts], pad_id, device)
-        cur = Cursor(model, ids, mask, logits_to_keep=1)
-        cur.repeat(num_rollouts)
-        # The prompt's last logits predict seq[:, 0]; the thought's own logits predict the rest. Scored
-        # apart, so the [N, S, V] logits are never concatenated into a second copy.
-        first = token_logprobs(cur.logits[:, -1:], seq[:, :1], temperature, banned)
-        parts = [first]
-        if seq.shape[1] > 1:
-            parts.append(token_logprobs(cur.feed(seq[:, :-1], seq_mask[:, :-1]), seq[:, 1:], temperature, banned))
-        tokens = cur.tokens
-        logp, entropy = (torch.cat(p, dim=1) for p in zip(*parts))
-    else:
-        prompts = [c.prompt for c in contexts for _ in range(num_rollouts)]
-        rows = [p + seq[i, :int(seq_mask[i].sum())].tolist() for i, p in enumerate(prompts)]
-        ids, mask = _right_pad(rows, pad_id, device)
-        out, _ = forward(model, ids, mask, _positions(mask))
-        width = seq.shape[1]
-        out = F.pad(out, (0, 0, 0, width))  # a long prompt with a short thought may end before its slice does
-        logits = torch.stack([out[i, len(p) - 1:len(p) - 1 + width] for i, p in enumerate(prompts)])
-        logp, entropy = token_logprobs(logits, seq, temperature, banned)
-        tokens = ids.numel()
-    # Padding and teacher-forced slots (a forced </think>, the bridge) are no actions: a banned pad token
-    # would give -inf there, and a ratio of exp(-inf - -inf) would poison the loss with NaN.
-    return torch.where(rollouts.action_mask.bool(), logp, 0.0), entropy, tokens
-
-
-ACTIVATION_BUDGET_BYTES = {"cpu": 512 * 2**20}  # per update chunk; other devices: a quarter of their memory
-
-
-def _contexts_per_chunk(model, contexts: list[Context], rollouts: Rollouts, num_rollouts: int) -> int:
-    """How many contexts' forward+backward fit the activation budget at once.
-
-    Saved activations are about 34 floats per hidden unit per layer per token (measured on SmolLM2,
-    GQA attention over a repeated prefix included), plus the logits and their gradient.
-    """
-    cfg, device = model.config, rollouts.seq.device
-    per_token = 4 * (34 * cfg.hidden_size * cfg.num_hidden_layers + 2 * cfg.vocab_size)
-    tokens = num_rollouts * rollouts.seq.shape[1] + max(len(c.prompt) for c in contexts)
-    budget = ACTIVATION_BUDGET_BYTES.get(device.type)
-    if budget is None:
-        budget = torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda" else 2**31
-    return max(1, budget // (per_token * tokens))
-
-
-def policy_update(model, contexts: list[Context], rollouts: Rollouts, num_rollouts: int, temperature: float,
-                  pad_id: int, chunk_loss, fast: bool = True, contexts_per_chunk: int | None = None,
-                  banned: torch.Tensor | None = None):
-    """The update's forward and backward, a few contexts at a time, so one chunk's activations live at once.
-
-    chunk_loss(rows, logp) -> the chunk's share of the batch loss, where rows is a slice of the N rollouts
-    and logp [rows, S] their log-probs (with gradient); a mean over thoughts is shared as
-    (mean over the chunk's thoughts) * chunk_rows / N. backward() runs on each share, so the
-    parameters' .grad accumulate exactly the gradient of the whole-batch loss (the caller zeroes
-    them first). On a CPU a chunk is one context: its prompt is forwarded without padding, and
-    SmolLM2's activations at the reference setting take about 1 GB at a time instead of about 3 GB.
-    Returns (logp detached [N, S], entropy [N, S], token slots, loss = sum of the shares, detached).
-    """
-    g, (n, width) = num_rollouts, rollouts.seq.shape
-    per = contexts_per_chunk or _contexts_per_chunk(model, contexts, rollouts, g)
-    logp = torch.zeros(n, width, device=rollouts.seq.device)
-    entropy = torch.zeros_like(logp)
-    tokens, loss = 0, torch.zeros((), device=rollouts.seq.device)
-    for first in range(0, len(contexts), per):
-        rows = slice(first * g, min(len(contexts), first + per) * g)
-        part = rollouts.select(rows)
-        lp, ent, t = policy_logprobs(model, contexts[first:first + per], part, g, temperature, pad_id, fast, banned)
-        share = chunk_loss(rows, F.pad(lp, (0, width - lp.shape[1])))
-        share.backward()
-        logp[rows, :lp.shape[1]], entropy[rows, :lp.shape[1]] = lp.detach(), ent
-        tokens, loss = tokens + t, loss + share.detach()
-    return logp, entropy, tokens, loss
 
 
 # --------------------------------------------------------------------------------------------

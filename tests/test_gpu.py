@@ -23,7 +23,8 @@ def tiny_cuda():
 
 
 def test_fast_equals_naive_on_cuda(tiny_cuda):
-    from rlp_cli.rollout import Context, policy_logprobs, sample_thoughts
+    from rlp_cli.rollout import Context, sample_thoughts
+    from rlp_cli.update import policy_logprobs
 
     tok = tiny_cuda.tokenizer
     docs = ["Question: 12 + 30 = ?\nAnswer: 42", "The river runs north through the old valley and into the sea."]

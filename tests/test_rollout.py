@@ -8,8 +8,8 @@ import torch
 
 from rlp_cli.config import load_config
 from rlp_cli.models import THINK_CLOSE, THINK_OPEN
-from rlp_cli.rollout import (Context, naive_context_logprobs, naive_s_pred, policy_logprobs, sample_thoughts,
-                             window_logprobs)
+from rlp_cli.rollout import Context, naive_context_logprobs, naive_s_pred, sample_thoughts, window_logprobs
+from rlp_cli.update import policy_logprobs
 from rlp_cli.train import Trainer
 
 G = 3
@@ -266,10 +266,14 @@ def test_prompts_prefilled_in_groups_give_the_same_numbers(tiny, monkeypatch):
                               atol=1e-5)
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_update_in_chunks_of_contexts_accumulates_the_whole_batch_gradient(tiny, fast):
+@pytest.mark.parametrize("fast, per, rows_per_backward", [(True, 1, None), (True, 1, 1), (True, 1, 2), (True, 2, 2),
+                                                         (False, 1, None)])
+def test_update_in_chunks_of_contexts_accumulates_the_whole_batch_gradient(tiny, fast, per, rows_per_backward):
+    """Chunks of contexts, and slices of a context's thoughts cut from its prompt (update.PromptBoundary:
+    one backward per slice into the prompt's keys and values, then the prompt's once), give the gradient
+    of one backward over the whole batch."""
     from rlp_cli.objective import clipped_surrogate
-    from rlp_cli.rollout import policy_update
+    from rlp_cli.update import policy_update
 
     windows, contexts = _contexts(tiny)
     ro = _sample(tiny, contexts, seed=5, max_thought_tokens=8)
@@ -285,7 +289,8 @@ def test_update_in_chunks_of_contexts_accumulates_the_whole_batch_gradient(tiny,
         part = clipped_surrogate(logp, logp.detach(), adv[rows], ro.action_mask[rows], 0.2, 0.2)
         return part * (rows.stop - rows.start) / n
 
-    lp_c, ent_c, _, loss_c = policy_update(chunked, contexts, ro, G, 0.7, pad, share, fast=fast, contexts_per_chunk=1)
+    lp_c, ent_c, _, loss_c = policy_update(chunked, contexts, ro, G, 0.7, pad, share, fast=fast, contexts_per_chunk=per,
+                                           rows_per_backward=rows_per_backward)
     m = ro.action_mask.bool()
     assert torch.allclose(lp_c[m], lp.detach()[m], atol=1e-5)
     assert torch.allclose(ent_c[m], ent[m], atol=1e-5)
@@ -317,7 +322,7 @@ def test_update_counts_sampled_tokens_only_with_ragged_closed_and_forced_thought
     log-prob of exactly the sampled tokens, found from the rollouts' lengths, not from action_mask."""
     from rlp_cli.models import token_classes
     from rlp_cli.objective import clipped_surrogate
-    from rlp_cli.rollout import policy_update
+    from rlp_cli.update import policy_update
 
     tok, close, pad = tiny.tokenizer, tiny.think_close_id, tiny.tokenizer.pad_token_id
     policy = copy.deepcopy(tiny.model)
@@ -369,7 +374,7 @@ def test_sparse_tied_embedding_gradient_and_fused_adamw_match_the_dense_ones(tin
     from types import SimpleNamespace
 
     from rlp_cli.objective import clipped_surrogate
-    from rlp_cli.rollout import policy_update
+    from rlp_cli.update import policy_update
     from rlp_cli.train import make_optimizer, sparse_embedding_gradient
 
     windows, contexts = _contexts(tiny)
