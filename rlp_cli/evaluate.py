@@ -43,7 +43,7 @@ from rlp_cli.runfolder import RunFolder, samples_beside
 if TYPE_CHECKING:
     from rlp_cli.train import PhaseTimer
 
-SUITE_VERSION = 2  # bump when a task, its generator settings, the template or the sampled random stream changes
+SUITE_VERSION = 3  # bump when a task, its generator settings, the template or the sampled random stream changes
 # 2: generation runs on the trainer's engine (rollout.decode): thoughts are drawn by its inverse-CDF sampler, for
 #    the sampled rows only, in batches across tasks ordered by prompt length, so sampled thoughts (pass@1,
 #    information gain) differ from version 1; greedy rows are the same up to float ties between batch shapes.
@@ -220,15 +220,16 @@ class AnswerEnd:
 
 def generate(model, tok, prompts: list[list[int]], *, samples: int, think: bool, thought_tokens: int,
              answer_prefix: list[int], answer_tokens: int, temperature: float, close_id: int, generator,
-             lines=None, drop_finished: bool = True, clock: PhaseTimer | None = None) -> list[dict]:
+             lines=None, banned=None, drop_finished: bool = True, clock: PhaseTimer | None = None) -> list[dict]:
     """For each prompt, 1 + samples rows: row 0 thinks greedily, the others sample; all answer greedily.
 
     prompts end with <think> when think is set. One engine with the trainer (rollout.decode, same sampler
     and cache): the prompts are forwarded once and their cache repeated per row; thoughts are decoded, then
     the pending token, </think> and the answer prefix fed as one block, then the answers decoded until
     each row's first newline (AnswerEnd), rows that finished leaving the batch (drop_finished). lines:
-    models.line_tokens(tok), built here when not given. Returns one dict per row: thought ids, answer
-    ids, closed, greedy.
+    models.line_tokens(tok), built here when not given. banned: ids no thought may contain, greedy or
+    sampled (run_suite passes models.banned_ids, the trainer's policy; None: no restriction). Returns
+    one dict per row: thought ids, answer ids, closed, greedy.
     """
     import torch
 
@@ -249,13 +250,14 @@ def generate(model, tok, prompts: list[list[int]], *, samples: int, think: bool,
             cur.repeat(rows_per_prompt, reserve=(thought_tokens + 2 if think else 0) + len(answer_prefix) + answer_tokens)
             logits = cur.logits[:, -1]
         lines = (lines or line_tokens(tok, logits.shape[-1])).to(device)
+        banned = None if banned is None else banned.to(device)
         block, block_mask = [], []
         thought = None
         if think:
             with phase("thought"):
                 thought = decode(cur, logits, max_tokens=thought_tokens, temperature=temperature,
                                  generator=generator, pad_id=pad_id, stop=lambda t, alive: t == close_id,
-                                 greedy=greedy_row)
+                                 greedy=greedy_row, banned=banned)
             # Like the trainer: a sampled </think> is never fed, one </think> is fed after every thought;
             # a thought cut at the limit first feeds its last sampled token.
             cut = ~thought.stopped
@@ -298,14 +300,16 @@ def run_suite(model, tok, problems: list[Problem], datasets: dict, settings: Sui
     of prompt length: fewer and fuller batches (a decoding step costs about the same for 24 rows as for
     96 on a CPU), and prompts of similar length share a batch, so little left padding is cached.
     """
-    from rlp_cli.models import line_tokens
+    from rlp_cli.models import banned_ids, line_tokens
 
     phase = clock or (lambda _: contextlib.nullcontext())
     answer_prefix = tok(ANSWER_PREFIX, add_special_tokens=False).input_ids
     samples = settings.samples if settings.think else 0  # without a thought every row would be the same greedy answer
     prompts = suite_prompts(tok, problems, prompt_ids, open_id if settings.think else None)
     order = sorted(range(len(problems)), key=lambda i: (len(prompts[i]), i))
-    lines = line_tokens(tok, model.get_output_embeddings().weight.shape[0])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    lines = line_tokens(tok, vocab)
+    banned = banned_ids(tok, open_id, close_id, vocab)  # the thoughts the trainer's policy can write
     rows_of: dict[int, list[dict]] = {}
     start = time.perf_counter()
     for b in range(0, len(order), settings.batch_size):
@@ -313,7 +317,7 @@ def run_suite(model, tok, problems: list[Problem], datasets: dict, settings: Sui
         rows = generate(model, tok, [prompts[i] for i in batch], samples=samples, think=settings.think,
                         thought_tokens=settings.thought_tokens, answer_prefix=answer_prefix,
                         answer_tokens=settings.answer_tokens, temperature=settings.temperature,
-                        close_id=close_id, generator=generator, lines=lines, clock=clock)
+                        close_id=close_id, generator=generator, lines=lines, banned=banned, clock=clock)
         for j, row in enumerate(rows):
             rows_of.setdefault(batch[j // (1 + samples)], []).append(row)
     seconds = time.perf_counter() - start

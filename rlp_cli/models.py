@@ -242,6 +242,13 @@ class TokenClasses:
         return TokenClasses(self.banned.to(device), self.word_start.to(device), self.blank.to(device))
 
 
+def banned_ids(tok, think_open_id: int, think_close_id: int, vocab_size: int) -> torch.Tensor:
+    """Token ids a thought may not contain (see token_classes), without the per-token tables."""
+    special = set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
+    padding_rows = set(range(len(tok), vocab_size))  # output rows with no token behind them (e.g. Qwen's)
+    return torch.tensor(sorted((special | padding_rows | {think_open_id}) - {think_close_id}), dtype=torch.long)
+
+
 def token_classes(tok, think_open_id: int, think_close_id: int, vocab_size: int | None = None):
     """The vocabulary classes the sampler needs: tokens a thought may not contain, and word boundaries.
 
@@ -251,9 +258,7 @@ def token_classes(tok, think_open_id: int, think_close_id: int, vocab_size: int 
     """
 
     vocab_size = vocab_size or len(tok)
-    special = set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
-    padding_rows = set(range(len(tok), vocab_size))  # output rows with no token behind them (e.g. Qwen's)
-    banned = sorted((special | padding_rows | {think_open_id}) - {think_close_id})
+    banned = banned_ids(tok, think_open_id, think_close_id, vocab_size)
     word_start = torch.zeros(vocab_size, dtype=torch.bool)
     blank = torch.zeros(vocab_size, dtype=torch.bool)
     # Each token decoded after a fixed letter: SentencePiece tokenizers drop a token's leading space when it
@@ -264,7 +269,7 @@ def token_classes(tok, think_open_id: int, think_close_id: int, vocab_size: int 
         text = tok.decode(anchor + [token_id])[skip:]
         word_start[token_id] = text[:1].isspace()
         blank[token_id] = text.strip() == ""
-    return TokenClasses(banned=torch.tensor(banned, dtype=torch.long), word_start=word_start, blank=blank)
+    return TokenClasses(banned=banned, word_start=word_start, blank=blank)
 
 
 @dataclass

@@ -139,6 +139,41 @@ def test_batched_greedy_generation_equals_one_sequence_at_a_time(tiny):
         assert got == [t for t in answer if t != tok.eos_token_id][:len(got)] and len(got) >= 1
 
 
+def test_eval_thoughts_obey_the_trainers_banned_tokens(tiny):
+    """rlp eval's thoughts, greedy and sampled, come from the policy the trainer trains: no EOS, no <think>.
+    A model pushed to write EOS in every thought writes none once run_suite bans it (models.banned_ids)."""
+    import copy
+
+    from rlp_cli.models import banned_ids
+
+    tok, close, eos = tiny.tokenizer, tiny.think_close_id, tiny.tokenizer.eos_token_id
+    model = copy.deepcopy(tiny.model)
+
+    def likes_eos(module, args, out):
+        out = out.clone()
+        out[..., eos] += 50.0
+        return out
+
+    model.lm_head.register_forward_hook(likes_eos)
+    problems, datasets = E.build_suite("quick", seed=0, settings=_settings(n_per_task=1))
+    settings = _settings(n_per_task=1, thought_tokens=4, answer_tokens=2)
+    records = E.run_suite(model, tok, problems, datasets, settings, prompt_ids=[], open_id=tiny.think_open_id,
+                          close_id=close, generator=torch.Generator().manual_seed(0))
+    assert {r["sample"] for r in records} >= {"greedy", 0}
+    assert not any(tok.eos_token in r["thought"] for r in records)
+    # the ids, through generate: with the ban none is banned; without it (None) the model writes EOS
+    banned = banned_ids(tok, tiny.think_open_id, close, model.config.vocab_size)
+    assert eos in banned.tolist()
+    prompts = E.suite_prompts(tok, problems[:2], [], tiny.think_open_id)
+    prefix = tok(E.ANSWER_PREFIX, add_special_tokens=False).input_ids
+    kw = dict(samples=1, think=True, thought_tokens=4, answer_prefix=prefix, answer_tokens=2, temperature=1.0,
+              close_id=close)
+    ruled = E.generate(model, tok, prompts, generator=torch.Generator().manual_seed(0), banned=banned, **kw)
+    assert all(len(r["thought_ids"]) == 4 and not set(r["thought_ids"]) & set(banned.tolist()) for r in ruled)
+    free = E.generate(model, tok, prompts, generator=torch.Generator().manual_seed(0), **kw)
+    assert all(eos in r["thought_ids"] for r in free)
+
+
 def test_batching_across_tasks_and_dropping_finished_rows_keep_the_greedy_rows(tiny, monkeypatch):
     """Prompts of all tasks in one batch, rows that finished their answer leaving it: every greedy row equals
     the same prompt generated alone (and a plain one-sequence-at-a-time forward)."""
