@@ -591,18 +591,24 @@ def sample_thoughts(model, contexts: list[Context], *, num_rollouts: int, max_th
 
 @torch.no_grad()
 def window_logprobs(model, windows: list[list[int]], pad_id: int) -> tuple[list[torch.Tensor], int]:
-    """Teacher-forced log p(x_t | x_<t) at every position t >= 1 of each window: one forward per window.
+    """Teacher-forced log p(x_t | x_<t) at every position t >= 1 of each window.
 
+    One right-padded forward, or one forward per window where padding would cost more than the extra
+    calls (a CPU: _unpadded_prefill_pays; padding also forms [T, V] logits at every padded slot).
     Returns per window a tensor lp with lp[t] = log p(x_t | x_<t) (lp[0] = 0), and the token slots.
     """
     device = next(model.parameters()).device
-    ids, mask = _right_pad(windows, pad_id, device)
-    logits, _ = forward(model, ids, mask, _positions(mask))
-    out = []
-    for i, w in enumerate(windows):
-        lp = _token_logp(logits[i, :len(w) - 1], ids[i, 1:len(w)])
-        out.append(F.pad(lp, (1, 0)))
-    return out, ids.numel()
+    _, mask = _right_pad(windows, pad_id, "cpu")
+    groups = [[w] for w in windows] if _unpadded_prefill_pays(model, mask) else [windows]
+    out, tokens = [], 0
+    for group in groups:
+        ids, mask = _right_pad(group, pad_id, device)
+        logits, _ = forward(model, ids, mask, _positions(mask))
+        for i, w in enumerate(group):
+            lp = _token_logp(logits[i, :len(w) - 1], ids[i, 1:len(w)])
+            out.append(F.pad(lp, (1, 0)))
+        tokens += ids.numel()
+    return out, tokens
 
 
 @torch.no_grad()

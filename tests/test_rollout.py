@@ -241,6 +241,21 @@ def test_prompts_forwarded_without_padding_give_the_same_numbers(tiny, monkeypat
         assert torch.allclose(grads[True][1][name], grads[False][1][name], atol=1e-5, rtol=1e-4), name
 
 
+def test_windows_scored_without_padding_give_the_same_numbers(tiny, monkeypatch):
+    """window_logprobs (the `surprise` rule's S_ema, rlp eval's held-out perplexity) one window at a time
+    where padding does not pay: the same log-probs, and fewer slots computed."""
+    import rlp_cli.rollout as R
+
+    windows, _ = _contexts(tiny)
+    out = {}
+    for force in (False, True):
+        monkeypatch.setattr(R, "UNPADDED_PREFILL", force)
+        out[force] = window_logprobs(tiny.model, windows, tiny.tokenizer.pad_token_id)
+    for a, b, w in zip(out[False][0], out[True][0], windows):
+        assert a.shape == b.shape == (len(w),) and torch.allclose(a, b, atol=1e-5)
+    assert out[True][1] == sum(len(w) for w in windows) < out[False][1]
+
+
 def test_prompts_prefilled_in_groups_give_the_same_numbers(tiny, monkeypatch):
     """rlp eval's prefill: runs of prompts of similar length forwarded together, then repeated with room."""
     import rlp_cli.rollout as R
