@@ -31,7 +31,7 @@ def rollout():
     R.sample_thoughts(tr.model, ctx, num_rollouts=g, max_thought_tokens=32, temperature=1.0, close_id=tr.close_id,
                       pad_id=tr.pad_id, generator=torch.Generator().manual_seed(0), score_targets=True, token_classes=tr.token_classes)
     tr.model.train()
-from rlp_cli.bench import peak_rss_mb
+from rlp_cli.measure import peak_rss_mb
 which = os.environ.get("WHICH", "both")
 res = {}
 for name, fn in (("update", update), ("rollout", rollout)):

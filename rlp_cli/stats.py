@@ -214,7 +214,7 @@ def mcnemar(a_correct: Sequence[Any], b_correct: Sequence[Any]) -> dict:
 
 def stderr_binary(p: float, n: int) -> float:
     """Standard error of a mean accuracy p over n problems, as lm-evaluation-harness reports it:
-    sqrt(p (1 - p) / (n - 1)). This equals evaluate.mean_stderr (sample std, ddof=1, over sqrt(n)) of
+    sqrt(p (1 - p) / (n - 1)). This equals suites.mean_stderr (sample std, ddof=1, over sqrt(n)) of
     the n 0/1 outcomes. nan for n < 2."""
     if n is None or n < 2 or p is None or not math.isfinite(p):
         return float("nan")

@@ -11,6 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from rlp_cli import evaluate as E
+from rlp_cli import lm_eval_bridge as L
+from rlp_cli import suites as S
 from rlp_cli.config import load_config
 from rlp_cli.data import CORPUS_SEED_OFFSET, LOGIC_TASKS, MATH_TASKS
 from rlp_cli.errors import UserError
@@ -18,17 +20,17 @@ from rlp_cli.models import forward
 
 
 def _settings(**kw):
-    return E.SuiteSettings(**{"n_per_task": 3, **kw})
+    return S.SuiteSettings(**{"n_per_task": 3, **kw})
 
 
 def test_suite_is_deterministic_for_a_seed_and_changes_with_it():
-    a, _ = E.build_suite("quick", seed=0, settings=_settings())
-    b, _ = E.build_suite("quick", seed=0, settings=_settings())
-    c, _ = E.build_suite("quick", seed=1, settings=_settings())
+    a, _ = S.build_suite("quick", seed=0, settings=_settings())
+    b, _ = S.build_suite("quick", seed=0, settings=_settings())
+    c, _ = S.build_suite("quick", seed=1, settings=_settings())
     key = [(p.task, p.question, p.answer) for p in a]
     assert key == [(p.task, p.question, p.answer) for p in b]
     assert key != [(p.task, p.question, p.answer) for p in c]
-    assert len(a) == 3 * len(E.QUICK_TASKS)
+    assert len(a) == 3 * len(S.QUICK_TASKS)
     assert {p.group for p in a} == {"math", "logic"}
     # the logic group has no arithmetic task
     assert not {p.task for p in a if p.group == "logic"} & {"chain_sum", "basic_arithmetic", "products", "gcd"}
@@ -40,26 +42,26 @@ def test_eval_seeds_never_meet_training_seeds():
     max_run_seed, max_docs = 10_000, 1_000_000
     training_top = max_run_seed + CORPUS_SEED_OFFSET + n_tasks + max_docs  # largest item seed a corpus can use
     for eval_seed in (0, 1, 99):
-        for task_index in range(len(E.FULL_TASKS)):
-            first = E.task_seed(eval_seed, task_index)
+        for task_index in range(len(S.FULL_TASKS)):
+            first = S.task_seed(eval_seed, task_index)
             assert first > training_top
             if task_index:  # tasks' blocks do not overlap either
-                assert first >= E.task_seed(eval_seed, task_index - 1) + E.TASK_STRIDE
-    _, datasets = E.build_suite("quick", seed=2, settings=_settings(n_per_task=1))
-    assert datasets["chain_sum"].seed == E.task_seed(2, 0)
+                assert first >= S.task_seed(eval_seed, task_index - 1) + S.TASK_STRIDE
+    _, datasets = S.build_suite("quick", seed=2, settings=_settings(n_per_task=1))
+    assert datasets["chain_sum"].seed == S.task_seed(2, 0)
     with pytest.raises(UserError):
-        E.task_seed(-1, 0)
+        S.task_seed(-1, 0)
 
 
 def test_scorer_agrees_with_each_generators_own_checker():
-    _, datasets = E.build_suite("full", seed=0, settings=_settings(n_per_task=2))
+    _, datasets = S.build_suite("full", seed=0, settings=_settings(n_per_task=2))
     checked = 0
     for name, ds in datasets.items():
         for entry in (ds[0], ds[1]):
             answer = str(entry["answer"])
             for generated in (f" {answer}\nWorking: more text", f"\n\n{answer}  ", "0", "not an answer", "", answer[:-1]):
-                extracted, value, correct = E.score(ds, entry, generated)
-                assert extracted == E.extract_answer(generated)
+                extracted, value, correct = S.score(ds, entry, generated)
+                assert extracted == S.extract_answer(generated)
                 try:
                     own = float(ds.score_answer(extracted, entry))
                 except Exception:  # some checkers raise on garbage; the suite scores that 0
@@ -67,8 +69,8 @@ def test_scorer_agrees_with_each_generators_own_checker():
                 assert value == own, (name, generated)
                 assert correct == (own == 1.0)
                 checked += 1
-            assert E.score(ds, entry, f" {answer}\n")[2], name  # the right answer on the first line counts
-    assert checked == 6 * 2 * len(E.FULL_TASKS)
+            assert S.score(ds, entry, f" {answer}\n")[2], name  # the right answer on the first line counts
+    assert checked == 6 * 2 * len(S.FULL_TASKS)
 
 
 def _records():
@@ -88,7 +90,7 @@ def _records():
 
 
 def test_aggregation_matches_hand_computation():
-    results, groups = E.aggregate(_records(), {"a": "math", "b": "math", "c": "logic"})
+    results, groups = S.aggregate(_records(), {"a": "math", "b": "math", "c": "logic"})
     a = results["a"]
     assert a["acc"] == pytest.approx(0.75)
     assert a["pass@1"] == pytest.approx((0.5 + 0 + 1 + 0.5) / 4)
@@ -123,7 +125,7 @@ def test_batched_greedy_generation_equals_one_sequence_at_a_time(tiny):
     prompts = [tok("Question: 2 + 2 =\n", add_special_tokens=False).input_ids + [tiny.think_open_id],
                tok("Question: spell the word cat backwards, please\n", add_special_tokens=False).input_ids
                + [tiny.think_open_id]]
-    prefix = tok(E.ANSWER_PREFIX, add_special_tokens=False).input_ids
+    prefix = tok(S.ANSWER_PREFIX, add_special_tokens=False).input_ids
     rows = E.generate(model, tok, prompts, samples=2, think=True, thought_tokens=5, answer_prefix=prefix,
                       answer_tokens=4, temperature=1.0, close_id=tiny.think_close_id,
                       generator=torch.Generator().manual_seed(0))
@@ -155,7 +157,7 @@ def test_eval_thoughts_obey_the_trainers_banned_tokens(tiny):
         return out
 
     model.lm_head.register_forward_hook(likes_eos)
-    problems, datasets = E.build_suite("quick", seed=0, settings=_settings(n_per_task=1))
+    problems, datasets = S.build_suite("quick", seed=0, settings=_settings(n_per_task=1))
     settings = _settings(n_per_task=1, thought_tokens=4, answer_tokens=2)
     records = E.run_suite(model, tok, problems, datasets, settings, prompt_ids=[], open_id=tiny.think_open_id,
                           close_id=close, generator=torch.Generator().manual_seed(0))
@@ -165,7 +167,7 @@ def test_eval_thoughts_obey_the_trainers_banned_tokens(tiny):
     banned = banned_ids(tok, tiny.think_open_id, close, model.config.vocab_size)
     assert eos in banned.tolist()
     prompts = E.suite_prompts(tok, problems[:2], [], tiny.think_open_id)
-    prefix = tok(E.ANSWER_PREFIX, add_special_tokens=False).input_ids
+    prefix = tok(S.ANSWER_PREFIX, add_special_tokens=False).input_ids
     kw = dict(samples=1, think=True, thought_tokens=4, answer_prefix=prefix, answer_tokens=2, temperature=1.0,
               close_id=close)
     ruled = E.generate(model, tok, prompts, generator=torch.Generator().manual_seed(0), banned=banned, **kw)
@@ -192,9 +194,9 @@ def test_batching_across_tasks_and_dropping_finished_rows_keep_the_greedy_rows(t
     # a quarter of the vocabulary "ends a line", so answers end after different numbers of tokens
     lines = LineTokens(newline=torch.arange(vocab) % 4 == 0, text_first=torch.ones(vocab, dtype=torch.bool),
                        blank=torch.zeros(vocab, dtype=torch.bool))
-    problems, _ = E.build_suite("quick", seed=0, settings=_settings(n_per_task=2))
+    problems, _ = S.build_suite("quick", seed=0, settings=_settings(n_per_task=2))
     prompts = E.suite_prompts(tok, problems, [], tiny.think_open_id)
-    prefix = tok(E.ANSWER_PREFIX, add_special_tokens=False).input_ids
+    prefix = tok(S.ANSWER_PREFIX, add_special_tokens=False).input_ids
     kw = dict(samples=1, think=True, thought_tokens=4, answer_prefix=prefix, answer_tokens=8, temperature=1.0,
               close_id=close, lines=lines)
     kept = []
@@ -217,7 +219,7 @@ def test_batching_across_tasks_and_dropping_finished_rows_keep_the_greedy_rows(t
     # run_suite: batches across tasks give each greedy record what one problem per batch gives
     def greedy(batch_size):
         settings = _settings(n_per_task=2, thought_tokens=3, answer_tokens=3, batch_size=batch_size)
-        _, datasets = E.build_suite("quick", seed=0, settings=settings)
+        _, datasets = S.build_suite("quick", seed=0, settings=settings)
         records = E.run_suite(model, tok, problems, datasets, settings, prompt_ids=[], open_id=tiny.think_open_id,
                               close_id=close, generator=torch.Generator().manual_seed(0))
         return [(r["task"], r["doc_id"], r["thought"], r["generated"]) for r in records if r["sample"] == "greedy"]
@@ -226,15 +228,15 @@ def test_batching_across_tasks_and_dropping_finished_rows_keep_the_greedy_rows(t
 
 
 def test_settings_split_between_suite_and_run_config():
-    settings, cfg = E.parse_settings("quick", ["n_per_task=3", "eval.samples=0", "tasks=chain_sum,gcd",
+    settings, cfg = S.parse_settings("quick", ["n_per_task=3", "eval.samples=0", "tasks=chain_sum,gcd",
                                                "data.corpus=general", "think=false"])
     assert (settings.n_per_task, settings.samples, settings.think) == (3, 0, False)
     assert settings.tasks == ["chain_sum", "gcd"]
     assert cfg == ["data.corpus=general"]
-    assert E.SUITES["quick"][1].n_per_task == 8  # the suite's defaults are not mutated
+    assert S.SUITES["quick"][1].n_per_task == 8  # the suite's defaults are not mutated
     for bad in (["n_per_tsk=3"], ["n_per_task=many"], ["think=3"], ["thought_tokens=0"]):
         with pytest.raises(UserError):
-            E.parse_settings("quick", bad)
+            S.parse_settings("quick", bad)
 
 
 def test_lm_eval_bridge_converts_the_harness_output(monkeypatch):
@@ -263,8 +265,8 @@ def test_lm_eval_bridge_converts_the_harness_output(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval.models", types.ModuleType("lm_eval.models"))
     monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", fake_hf)
     model, tok, task_manager = object(), object(), object()
-    results, groups, configs, versions, n_samples, samples = E.run_lm_eval(
-        model, tok, ["gsm8k", "arc_easy", "hellaswag"], 3, E.SuiteSettings(lm_eval_limit=10, lm_eval_batch_size=4),
+    results, groups, configs, versions, n_samples, samples = L.run_lm_eval(
+        model, tok, ["gsm8k", "arc_easy", "hellaswag"], 3, S.SuiteSettings(lm_eval_limit=10, lm_eval_batch_size=4),
         task_manager)
     assert calls["hflm"]["pretrained"] is model and calls["hflm"]["tokenizer"] is tok
     assert calls["hflm"]["batch_size"] == 4 and isinstance(calls["model"], HFLM)
@@ -274,7 +276,7 @@ def test_lm_eval_bridge_converts_the_harness_output(monkeypatch):
     assert results["gsm8k"]["metric"] == "exact_match,strict-match" and results["gsm8k"]["n"] == 10
     assert results["arc_easy"]["acc"] == 0.5  # acc preferred to acc_norm
     assert results["hellaswag"]["acc_stderr"] is None  # the harness's "N/A"
-    assert {r["lm_eval_version"] for r in results.values()} == {E.lm_eval_version(fake)}
+    assert {r["lm_eval_version"] for r in results.values()} == {L.lm_eval_version(fake)}
     assert groups["overall"]["acc"] == pytest.approx((0.25 + 0.5 + 0.75) / 3)
     assert samples[0]["exact_match"] == 1.0 and versions == {"gsm8k": 3.0}
 
@@ -282,7 +284,7 @@ def test_lm_eval_bridge_converts_the_harness_output(monkeypatch):
 def test_lm_eval_suite_without_the_harness_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     with pytest.raises(UserError, match="pip install lm-eval.*rlp_addition"):
-        E.run_lm_eval(object(), object(), ["gsm8k"], 0, E.SuiteSettings())
+        L.run_lm_eval(object(), object(), ["gsm8k"], 0, S.SuiteSettings())
     with pytest.raises(UserError, match="pip install lm-eval"):
         E.evaluate("tiny", suite="lm-eval:rlp_addition")
 
@@ -314,7 +316,7 @@ def test_rlp_eval_end_to_end_on_tiny(run_dir):
     assert ev["results"]["chain_sum"]["n"] == 2 and ev["results"]["chain_sum"]["group"] == "math"
     assert set(ev["groups"]) == {"math", "logic", "overall"} and ev["groups"]["overall"]["n_tasks"] == 2
     assert ev["model"]["checkpoint_sha256"] == E.checkpoint_hash(run_dir / "final")
-    assert ev["suite"] == {**ev["suite"], "name": "quick", "version": E.SUITE_VERSION, "seed": 0}
+    assert ev["suite"] == {**ev["suite"], "name": "quick", "version": S.SUITE_VERSION, "seed": 0}
     intrinsic = ev["intrinsic"]
     assert intrinsic["heldout_perplexity"] > 1 and intrinsic["heldout_windows"] == 4
     assert math.isfinite(intrinsic["heldout_info_gain"]) and "evaluated model itself" in intrinsic["info_gain_baseline"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rlp_cli import stats as S
-from rlp_cli.evaluate import mean_stderr
+from rlp_cli.suites import mean_stderr
 
 # --------------------------------------------------------------------------------------------
 # McNemar

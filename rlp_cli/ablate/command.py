@@ -36,13 +36,13 @@ def plan_ablation(source: str, cli_overrides: list[str] | None = None, seeds: li
     plan = expand(preset, path, cli_overrides, seeds, eval_suite,
                   note=lambda text: err_console.print(f"[yellow]note[/yellow]: {text}", highlight=False))
     if plan.eval_suite != "none" and importlib.util.find_spec("rlp_cli.evaluate") is not None:
-        from rlp_cli import evaluate
+        from rlp_cli import suites
 
-        if not (plan.eval_suite in evaluate.SUITES or plan.eval_suite.startswith("lm-eval:")):
+        if not (plan.eval_suite in suites.SUITES or plan.eval_suite.startswith("lm-eval:")):
             raise UserError(f"{path}: key 'eval' = {plan.eval_suite!r} is not an evaluation suite. Fix: use one of "
-                            f"{', '.join(evaluate.SUITES)}, lm-eval:TASKS, or none.")
+                            f"{', '.join(suites.SUITES)}, lm-eval:TASKS, or none.")
         try:
-            evaluate.parse_settings(plan.eval_suite, plan.eval_settings)
+            suites.parse_settings(plan.eval_suite, plan.eval_settings)
         except UserError as e:
             raise UserError(f"{path}: key 'eval.set': {e}") from None
     if check_rewards:
