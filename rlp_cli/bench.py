@@ -265,7 +265,7 @@ def info_gain_drift(low, reference, trainer) -> dict:
     """S_pred of the trainer's last thoughts under `low` minus under `reference`, set against the spread
     the advantages see (the reward's standard deviation within each context's G thoughts) and the share
     of same-context thought pairs whose order holds. Used by `rlp bench` and bench/bf16_drift.py."""
-    from rlp_cli.rollout import naive_s_pred
+    from rlp_cli.scoring import naive_s_pred
 
     batch, g = trainer.last_batch, trainer.cfg.objective.num_rollouts
     scores = [naive_s_pred(m.eval(), batch["contexts"], batch["rollouts"], g, trainer.close_id, trainer.pad_id)[0]

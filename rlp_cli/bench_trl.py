@@ -38,7 +38,8 @@ def run_trl(config: dict, warmup: int, steps: int) -> dict:
 
     from rlp_cli.config import TrainConfig
     from rlp_cli.models import forward
-    from rlp_cli.rollout import _positions, _right_pad, _token_logp
+    from rlp_cli.cursor import positions, right_pad
+    from rlp_cli.rollout import token_logp
     from rlp_cli.train import Trainer
 
     cfg = TrainConfig.model_validate(config)
@@ -60,10 +61,10 @@ def run_trl(config: dict, warmup: int, steps: int) -> dict:
 
     @torch.no_grad()
     def last_token_logp(model, rows, targets):
-        ids, mask = _right_pad(rows, rlp.pad_id, rlp.device)
-        logits, _ = forward(model, ids, mask, _positions(mask))
+        ids, mask = right_pad(rows, rlp.pad_id, rlp.device)
+        logits, _ = forward(model, ids, mask, positions(mask))
         last = logits[torch.arange(len(rows)), mask.sum(1) - 1]
-        return _token_logp(last, torch.tensor(targets, device=rlp.device))
+        return token_logp(last, torch.tensor(targets, device=rlp.device))
 
     def info_gain(prompts, completions, completion_ids, rlp_prompt, rlp_prefix, rlp_target, **kwargs):
         # S_pred re-encodes prompt + thought + </think> with the policy; S_ema scores x_<t once per prompt.

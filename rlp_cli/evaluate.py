@@ -85,7 +85,8 @@ def generate(model, tok, prompts: list[list[int]], *, samples: int, think: bool,
     import torch
 
     from rlp_cli.models import line_tokens
-    from rlp_cli.rollout import Cursor, _left_pad, decode
+    from rlp_cli.cursor import Cursor, left_pad
+    from rlp_cli.rollout import decode
 
     phase = clock or (lambda _: contextlib.nullcontext())
     device = next(model.parameters()).device
@@ -95,7 +96,7 @@ def generate(model, tok, prompts: list[list[int]], *, samples: int, think: bool,
     greedy_row = torch.arange(n, device=device) % rows_per_prompt == 0
     with torch.no_grad():
         with phase("prefill"):
-            ids, mask = _left_pad(prompts, pad_id, device)
+            ids, mask = left_pad(prompts, pad_id, device)
             cur = Cursor(model, ids, mask, logits_to_keep=1, prefill_padding=PREFILL_PADDING)
             # room for the thought, its pending token, </think>, the answer prefix and the answer
             cur.repeat(rows_per_prompt, reserve=(thought_tokens + 2 if think else 0) + len(answer_prefix) + answer_tokens)
@@ -250,8 +251,8 @@ def intrinsic_metrics(model, tok, cfg, settings: SuiteSettings, *, prompt_ids: l
 
 
 def _heldout_logprobs(model, windows: list[list[int]], pad_id: int) -> list:
-    """rollout.window_logprobs of the windows, 16 at a time (it drops the padding where that pays)."""
-    from rlp_cli.rollout import window_logprobs
+    """scoring.window_logprobs of the windows, 16 at a time (it drops the padding where that pays)."""
+    from rlp_cli.scoring import window_logprobs
 
     return [lp for b in range(0, len(windows), 16) for lp in window_logprobs(model, windows[b:b + 16], pad_id)[0]]
 

@@ -33,7 +33,8 @@ import torch
 
 from rlp_cli import objective as O
 from rlp_cli.data import load_documents, split_documents, token_windows
-from rlp_cli.rollout import Context, empty_thought_logprobs, sample_thoughts
+from rlp_cli.rollout import Context, sample_thoughts
+from rlp_cli.scoring import empty_thought_logprobs
 
 PROBE_VERSION = 1
 FIELDS = ("info_gain", "content_gain", "s_pred", "s_empty", "s_ema", "s_nothink", "frac_positive")

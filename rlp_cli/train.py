@@ -30,8 +30,9 @@ from rlp_cli.faults import failpoint
 from rlp_cli.models import configure_cpu, forward, load_model, resolve_device, token_classes
 from rlp_cli.rewards import RewardInputs, get_reward
 from rlp_cli.runfolder import RunFolder
-from rlp_cli.rollout import (Context, context_logprobs, empty_thought_logprobs, naive_context_logprobs, naive_s_pred,
-                             sample_thoughts, thought_context, window_logprobs)
+from rlp_cli.rollout import Context, sample_thoughts, thought_context
+from rlp_cli.scoring import (context_logprobs, empty_thought_logprobs, naive_context_logprobs, naive_s_pred,
+                             window_logprobs)
 from rlp_cli.update import policy_logprobs, policy_update
 
 CONTINUATION_TOKENS = 32  # how much of the true text the rpt rewards may match against

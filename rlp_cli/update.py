@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from rlp_cli.models import forward
-from rlp_cli.rollout import Context, Cursor, Rollouts, _left_pad, _positions, _right_pad, token_logprobs
+from rlp_cli.cursor import Cursor, left_pad, positions, right_pad
+from rlp_cli.rollout import Context, Rollouts, token_logprobs
 
 
 def _thought_logprobs(cur: Cursor, seq: torch.Tensor, seq_mask: torch.Tensor, temperature: float,
@@ -58,7 +59,7 @@ def policy_logprobs(model, contexts: list[Context], rollouts: Rollouts, num_roll
     device = rollouts.seq.device
     seq, seq_mask = rollouts.seq, rollouts.seq_mask
     if fast:
-        ids, mask = _left_pad([c.prompt for c in contexts], pad_id, device)
+        ids, mask = left_pad([c.prompt for c in contexts], pad_id, device)
         cur = Cursor(model, ids, mask, logits_to_keep=1)
         cur.repeat(num_rollouts)
         logp, entropy = _thought_logprobs(cur, seq, seq_mask, temperature, banned)
@@ -66,8 +67,8 @@ def policy_logprobs(model, contexts: list[Context], rollouts: Rollouts, num_roll
     else:
         prompts = [c.prompt for c in contexts for _ in range(num_rollouts)]
         rows = [p + seq[i, :int(seq_mask[i].sum())].tolist() for i, p in enumerate(prompts)]
-        ids, mask = _right_pad(rows, pad_id, device)
-        out, _ = forward(model, ids, mask, _positions(mask))
+        ids, mask = right_pad(rows, pad_id, device)
+        out, _ = forward(model, ids, mask, positions(mask))
         width = seq.shape[1]
         out = F.pad(out, (0, 0, 0, width))  # a long prompt with a short thought may end before its slice does
         logits = torch.stack([out[i, len(p) - 1:len(p) - 1 + width] for i, p in enumerate(prompts)])
@@ -176,7 +177,7 @@ def policy_update(model, contexts: list[Context], rollouts: Rollouts, num_rollou
             loss_of(rows, lp, ent).backward()
             tokens += t
             continue
-        ids, mask = _left_pad([c.prompt for c in chunk], pad_id, rollouts.seq.device)
+        ids, mask = left_pad([c.prompt for c in chunk], pad_id, rollouts.seq.device)
         cur = Cursor(model, ids, mask, logits_to_keep=1)
         boundary = PromptBoundary(cur)
         step = rows_per_backward or _rows_per_backward(model, chunk, rollouts.select(rows))

@@ -181,7 +181,7 @@ def test_batching_across_tasks_and_dropping_finished_rows_keep_the_greedy_rows(t
     the same prompt generated alone (and a plain one-sequence-at-a-time forward)."""
     import copy
 
-    import rlp_cli.rollout as R
+    import rlp_cli.cursor as C
     from rlp_cli.models import LineTokens
 
     tok, close = tiny.tokenizer, tiny.think_close_id
@@ -200,8 +200,8 @@ def test_batching_across_tasks_and_dropping_finished_rows_keep_the_greedy_rows(t
     kw = dict(samples=1, think=True, thought_tokens=4, answer_prefix=prefix, answer_tokens=8, temperature=1.0,
               close_id=close, lines=lines)
     kept = []
-    keep = R.Cursor.keep
-    monkeypatch.setattr(R.Cursor, "keep", lambda self, index: (kept.append(len(index)), keep(self, index))[1])
+    keep = C.Cursor.keep
+    monkeypatch.setattr(C.Cursor, "keep", lambda self, index: (kept.append(len(index)), keep(self, index))[1])
     batched = E.generate(model, tok, prompts, generator=torch.Generator().manual_seed(0), **kw)[::2]
     assert kept and len({len(r["answer_ids"]) for r in batched}) > 2, "the test needs rows that finish early"
     kept.clear()

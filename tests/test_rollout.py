@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+import rlp_cli.cursor as C
+import rlp_cli.scoring as S
 from rlp_cli.config import load_config
 from rlp_cli.models import THINK_CLOSE, THINK_OPEN
-from rlp_cli.rollout import Context, naive_context_logprobs, naive_s_pred, sample_thoughts, window_logprobs
+from rlp_cli.rollout import Context, sample_thoughts
+from rlp_cli.scoring import naive_context_logprobs, naive_s_pred, window_logprobs
 from rlp_cli.update import policy_logprobs
 from rlp_cli.train import Trainer
 
@@ -216,12 +219,10 @@ def test_sampler_draws_from_the_softmax():
 
 def test_prompts_forwarded_without_padding_give_the_same_numbers(tiny, monkeypatch):
     """The CPU path that prefills each prompt unpadded and pads its cache: same S_pred, log-probs, gradients."""
-    import rlp_cli.rollout as R
-
     windows, contexts = _contexts(tiny, horizon=2)
-    monkeypatch.setattr(R, "UNPADDED_PREFILL", False)
+    monkeypatch.setattr(C, "UNPADDED_PREFILL", False)
     padded = _sample(tiny, contexts, seed=4)
-    monkeypatch.setattr(R, "UNPADDED_PREFILL", True)
+    monkeypatch.setattr(C, "UNPADDED_PREFILL", True)
     unpadded = _sample(tiny, contexts, seed=4)
     assert torch.equal(padded.seq, unpadded.seq)  # same draws: the logits agree to float noise
     assert torch.allclose(padded.s_pred, unpadded.s_pred, atol=1e-5)
@@ -230,7 +231,7 @@ def test_prompts_forwarded_without_padding_give_the_same_numbers(tiny, monkeypat
     assert unpadded.forward_tokens < padded.forward_tokens  # the padding was not computed
     grads = {}
     for force in (True, False):
-        monkeypatch.setattr(R, "UNPADDED_PREFILL", force)
+        monkeypatch.setattr(C, "UNPADDED_PREFILL", force)
         model = copy.deepcopy(tiny.model)
         lp, _, _ = policy_logprobs(model, contexts, unpadded, G, 1.0, tiny.tokenizer.pad_token_id, fast=True)
         m = unpadded.action_mask.bool()
@@ -244,12 +245,10 @@ def test_prompts_forwarded_without_padding_give_the_same_numbers(tiny, monkeypat
 def test_windows_scored_without_padding_give_the_same_numbers(tiny, monkeypatch):
     """window_logprobs (the `surprise` rule's S_ema, rlp eval's held-out perplexity) one window at a time
     where padding does not pay: the same log-probs, and fewer slots computed."""
-    import rlp_cli.rollout as R
-
     windows, _ = _contexts(tiny)
     out = {}
     for force in (False, True):
-        monkeypatch.setattr(R, "UNPADDED_PREFILL", force)
+        monkeypatch.setattr(C, "UNPADDED_PREFILL", force)
         out[force] = window_logprobs(tiny.model, windows, tiny.tokenizer.pad_token_id)
     for a, b, w in zip(out[False][0], out[True][0], windows):
         assert a.shape == b.shape == (len(w),) and torch.allclose(a, b, atol=1e-5)
@@ -258,19 +257,17 @@ def test_windows_scored_without_padding_give_the_same_numbers(tiny, monkeypatch)
 
 def test_prompts_prefilled_in_groups_give_the_same_numbers(tiny, monkeypatch):
     """rlp eval's prefill: runs of prompts of similar length forwarded together, then repeated with room."""
-    import rlp_cli.rollout as R
-
     tok = tiny.tokenizer
     texts = ["a b", "one two", "one two three", "the river runs north", "the river runs north through the valley"]
-    ids, mask = R._left_pad([tok(t, add_special_tokens=False).input_ids for t in texts], tok.pad_token_id, "cpu")
+    ids, mask = C.left_pad([tok(t, add_special_tokens=False).input_ids for t in texts], tok.pad_token_id, "cpu")
     lengths = mask.sum(1).tolist()
-    groups = R._prefill_groups(lengths, 0.3)
+    groups = C._prefill_groups(lengths, 0.3)
     assert len(groups) < len(texts) and any(len(g) > 1 for g in groups), groups
-    assert R._prefill_groups(lengths, None) == [[i] for i in range(len(texts))]  # the trainer's: each alone
-    monkeypatch.setattr(R, "UNPADDED_PREFILL", False)
-    padded = R.Cursor(tiny.model, ids, mask, logits_to_keep=1)
-    monkeypatch.setattr(R, "UNPADDED_PREFILL", True)
-    grouped = R.Cursor(tiny.model, ids, mask, logits_to_keep=1, prefill_padding=0.3)
+    assert C._prefill_groups(lengths, None) == [[i] for i in range(len(texts))]  # the trainer's: each alone
+    monkeypatch.setattr(C, "UNPADDED_PREFILL", False)
+    padded = C.Cursor(tiny.model, ids, mask, logits_to_keep=1)
+    monkeypatch.setattr(C, "UNPADDED_PREFILL", True)
+    grouped = C.Cursor(tiny.model, ids, mask, logits_to_keep=1, prefill_padding=0.3)
     assert torch.allclose(padded.logits, grouped.logits, atol=1e-5)
     assert int(mask.sum()) < grouped.tokens < padded.tokens
     step = torch.tensor([[5], [6], [7], [8], [9]]).repeat_interleave(2, 0)
@@ -316,14 +313,13 @@ def test_update_in_chunks_of_contexts_accumulates_the_whole_batch_gradient(tiny,
 
 @pytest.mark.parametrize("unpadded", [True, False])
 def test_ema_scores_of_chosen_contexts_equal_per_context_forwards(tiny, monkeypatch, unpadded):
-    import rlp_cli.rollout as R
 
-    monkeypatch.setattr(R, "UNPADDED_PREFILL", unpadded)
+    monkeypatch.setattr(C, "UNPADDED_PREFILL", unpadded)
     windows, contexts = _contexts(tiny, horizon=2)
     w = windows[0]
     contexts.append(Context(prompt=w[:4] + [tiny.think_open_id], targets=w[4:6], continuation=w[4:12],
                             doc_index=0, position=4))  # two positions in one document
-    fast, slots = R.context_logprobs(tiny.model, windows, contexts, tiny.tokenizer.pad_token_id)
+    fast, slots = S.context_logprobs(tiny.model, windows, contexts, tiny.tokenizer.pad_token_id)
     naive, _ = naive_context_logprobs(tiny.model, windows, contexts, tiny.tokenizer.pad_token_id)
     assert fast.shape == (3, 2)
     assert torch.allclose(fast, naive, atol=1e-5)

@@ -12,7 +12,8 @@ import torch
 from rlp_cli.config import load_config
 from rlp_cli.data import answer_positions, arithmetic_documents, select_positions
 from rlp_cli.models import token_classes
-from rlp_cli.rollout import Context, empty_thought_logprobs, naive_s_pred, sample_thoughts, token_logprobs
+from rlp_cli.rollout import Context, sample_thoughts, token_logprobs
+from rlp_cli.scoring import empty_thought_logprobs, naive_s_pred
 from rlp_cli.runio import read_jsonl
 from rlp_cli.update import policy_logprobs
 from rlp_cli.run import train
