@@ -82,9 +82,10 @@ class PromptBoundary:
 
     Thoughts run on caches of the cut tensors (leaves), so each slice's backward stops at the boundary
     and adds into the leaves' .grad; backward() then runs the prompts' backward once with those sums.
-    By the chain rule this is the gradient of one backward through everything. (Running the prompts'
-    backward in the last slice's pass instead raised the peak: the engine starts on the prompts while
-    that slice's activations are still alive.)
+    By the chain rule this is the gradient of one backward through everything. Each extra backward adds
+    a parameter-sized gradient into .grad, so where one slice takes every row (a GPU, a small model)
+    nothing is cut and one backward does it all. (Running the prompts' backward in the last slice's pass
+    instead raised the peak: the engine starts on the prompts while that slice's activations are alive.)
     """
 
     def __init__(self, cur: Cursor):
@@ -92,9 +93,10 @@ class PromptBoundary:
         self.outputs = [t for layer in cur.cache.layers for t in (layer.keys, layer.values)] + [cur.logits]
         self.leaves = [t.detach().requires_grad_(t.requires_grad) for t in self.outputs]
 
-    def rows(self, index: torch.Tensor) -> Cursor:
-        """A cursor over the prompts at `index` (one entry per thought row), on a cache of the leaves."""
-        *kv, logits = (leaf.index_select(0, index) for leaf in self.leaves)
+    def rows(self, index: torch.Tensor, cut: bool = True) -> Cursor:
+        """A cursor over the prompts at `index` (one entry per thought row), on a cache of the leaves; with
+        cut=False, on the prompts' own tensors (one slice takes every row: one backward does it all)."""
+        *kv, logits = (t.index_select(0, index) for t in (self.leaves if cut else self.outputs))
         cache = copy.copy(self.cur.cache)  # the same kind of cache and layers (sliding windows stay sliding)
         cache.layers = [copy.copy(layer) for layer in self.cur.cache.layers]
         for i, layer in enumerate(cache.layers):
@@ -185,7 +187,7 @@ def policy_update(model, contexts: list[Context], rollouts: Rollouts, num_rollou
             part = slice(start, min(rows.stop, start + step))
             part_rollouts = rollouts.select(part)
             branch = boundary.rows(torch.arange(part.start - rows.start, part.stop - rows.start,
-                                                device=ids.device) // g)
+                                                device=ids.device) // g, cut=step < rows.stop - rows.start)
             lp, ent = _thought_logprobs(branch, part_rollouts.seq, part_rollouts.seq_mask, temperature, banned)
             loss_of(part, lp, ent).backward()
             tokens += branch.tokens
