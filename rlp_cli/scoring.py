@@ -18,19 +18,25 @@ from rlp_cli.models import forward
 from rlp_cli.rollout import Context, Rollouts, token_logp
 
 
+def _forward_groups(model, rows: list[list[int]], pad_id: int) -> list[list[int]]:
+    """Indices of `rows` forwarded together: each alone where its right padding would cost more than the
+    extra calls (a CPU: cursor.unpadded_prefill_pays), else all in one padded batch."""
+    _, mask = right_pad(rows, pad_id, "cpu")
+    return [[i] for i in range(len(rows))] if unpadded_prefill_pays(model, mask) else [list(range(len(rows)))]
+
+
 @torch.no_grad()
 def window_logprobs(model, windows: list[list[int]], pad_id: int) -> tuple[list[torch.Tensor], int]:
     """Teacher-forced log p(x_t | x_<t) at every position t >= 1 of each window.
 
     One right-padded forward, or one forward per window where padding would cost more than the extra
-    calls (a CPU: unpadded_prefill_pays; padding also forms [T, V] logits at every padded slot).
+    calls (_forward_groups; padding also forms [T, V] logits at every padded slot).
     Returns per window a tensor lp with lp[t] = log p(x_t | x_<t) (lp[0] = 0), and the token slots.
     """
     device = next(model.parameters()).device
-    _, mask = right_pad(windows, pad_id, "cpu")
-    groups = [[w] for w in windows] if unpadded_prefill_pays(model, mask) else [windows]
     out, tokens = [], 0
-    for group in groups:
+    for group in _forward_groups(model, windows, pad_id):
+        group = [windows[i] for i in group]
         ids, mask = right_pad(group, pad_id, device)
         logits, _ = forward(model, ids, mask, positions(mask))
         for i, w in enumerate(group):
@@ -52,11 +58,9 @@ def context_logprobs(model, windows: list[list[int]], contexts: list[Context], p
     horizon = len(contexts[0].targets)
     docs = sorted({c.doc_index for c in contexts})
     rows = [windows[d][:max(c.position for c in contexts if c.doc_index == d) + horizon] for d in docs]
-    _, mask = right_pad(rows, pad_id, "cpu")
-    groups = [[i] for i in range(len(docs))] if unpadded_prefill_pays(model, mask) else [list(range(len(docs)))]
     out = torch.empty(len(contexts), horizon, device=device)
     tokens = 0
-    for group in groups:
+    for group in _forward_groups(model, rows, pad_id):
         ids, mask = right_pad([rows[i] for i in group], pad_id, device)
         members = [(k, c, group.index(docs.index(c.doc_index))) for k, c in enumerate(contexts)
                    if docs.index(c.doc_index) in group]

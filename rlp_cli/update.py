@@ -165,7 +165,6 @@ def policy_update(model, contexts: list[Context], rollouts: Rollouts, num_rollou
 
     def loss_of(rows: slice, lp: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
         nonlocal loss
-        lp = _only_actions(lp, rollouts.action_mask[rows])
         share = chunk_loss(rows, F.pad(lp, (0, width - lp.shape[1])))
         logp[rows, :lp.shape[1]], entropy[rows, :lp.shape[1]] = lp.detach(), ent.detach()
         loss = loss + share.detach()
@@ -189,7 +188,7 @@ def policy_update(model, contexts: list[Context], rollouts: Rollouts, num_rollou
             branch = boundary.rows(torch.arange(part.start - rows.start, part.stop - rows.start,
                                                 device=ids.device) // g, cut=step < rows.stop - rows.start)
             lp, ent = _thought_logprobs(branch, part_rollouts.seq, part_rollouts.seq_mask, temperature, banned)
-            loss_of(part, lp, ent).backward()
+            loss_of(part, _only_actions(lp, part_rollouts.action_mask), ent).backward()
             tokens += branch.tokens
         boundary.backward()
         tokens += cur.tokens
