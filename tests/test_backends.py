@@ -2,7 +2,6 @@
 Slurm backend without a cluster), a run held by a live lease elsewhere is never started twice, and a
 grid over several GPUs per run asks for them."""
 
-import json
 import os
 import signal
 import subprocess
@@ -33,7 +32,7 @@ def runs(tmp_path: Path) -> list[Path]:
 
 
 def steps_of(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["step"] for row in runio.read_jsonl(run / "metrics.jsonl")]
 
 
 @pytest.mark.parametrize("backend", [["--backend", "ray"], ["--backend", "slurm", "--slurm-executor", "local"]],
@@ -52,23 +51,41 @@ def test_a_grid_on_another_backend_finishes_and_a_rerun_skips_it(tmp_path, backe
 
 
 def test_ctrl_c_stops_a_ray_grid_resumably(tmp_path):
+    """Ctrl-C with one run finished and one training: the first stays completed, the second is interrupted."""
     pytest.importorskip("ray")
-    (tmp_path / "grid.yaml").write_text(GRID % 400)
+    # 20,000 tiny steps take minutes: the long run cannot finish before the interrupt, however late its worker starts
+    (tmp_path / "grid.yaml").write_text("base: tiny\nseeds: [0]\nset: {log.checkpoint_every: 2}\n"
+                                        "grid: {budget.steps: [3, 20000]}\n")
     cmd = [sys.executable, "-m", "rlp_cli.cli", "ablate", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "res"),
            "--eval", "none", "--backend", "ray"]
     driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:  # both runs are training
-        found = list((tmp_path / "res" / "grid").glob("*/metrics.jsonl"))
-        if len(found) == 2 and all(len(runio.read_jsonl(f)) >= 3 for f in found):
-            break
-        time.sleep(0.1)
+    try:
+        deadline = time.time() + 180
+        while not (status_of(tmp_path, 3) == "completed" and len(steps_of(run_with(tmp_path, 20000))) >= 3):
+            assert driver.poll() is None, driver.communicate()[0]
+            assert time.time() < deadline, "the short run did not finish and the long one start within 180 s"
+            time.sleep(0.1)
+    except BaseException:
+        driver.kill()
+        driver.communicate()
+        raise
     driver.send_signal(signal.SIGINT)
     out = driver.communicate(timeout=120)[0]
-    assert driver.returncode == 130 and "Traceback" not in out, out
+    assert driver.returncode == 130 and "Traceback" not in out and "Check failed" not in out, out
+    assert status_of(tmp_path, 3) == "completed" and status_of(tmp_path, 20000) == "interrupted"
     for run in runs(tmp_path):
-        assert runio.read_json(run / "status.json")["status"] == "interrupted", run
         assert not (run / "lease.json").exists()
+
+
+def run_with(tmp_path: Path, steps: int) -> Path:
+    grid = tmp_path / "res" / "grid"
+    found = [p for p in grid.glob("*/config.yaml") if f"steps: {steps}\n" in p.read_text()] if grid.exists() else []
+    return found[0].parent if found else grid / "not-yet"
+
+
+def status_of(tmp_path: Path, steps: int) -> str | None:
+    path = run_with(tmp_path, steps) / "status.json"
+    return runio.read_json(path).get("status") if path.exists() else None
 
 
 def test_a_run_held_by_a_live_lease_elsewhere_is_not_started_twice(tmp_path):

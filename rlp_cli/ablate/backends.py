@@ -145,16 +145,25 @@ class RayBackend:
         return bool(self.tasks)
 
     def stop(self) -> list[Job]:
-        jobs = list(self.tasks)
-        for ref in self.tasks.values():
+        """Cancel only the tasks still running: Ray (2.60) aborts the driver ("Tried to complete task that was not
+        pending") when a task is force-cancelled as its reply arrives, so a finished task is left alone."""
+        jobs, refs = list(self.tasks), list(self.tasks.values())
+        _, running = self.ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+        for ref in running:
             self.ray.cancel(ref, force=False)  # KeyboardInterrupt in run_phase: the command is stopped cleanly
-        self.ray.wait(list(self.tasks.values()), num_returns=len(self.tasks), timeout=TERMINATE_GRACE_S + 15)
-        self.kill()
+        if running:
+            _, stuck = self.ray.wait(running, num_returns=len(running), timeout=TERMINATE_GRACE_S + 15)
+            self._force_cancel(stuck)
         self.tasks.clear()
         return jobs
 
     def kill(self) -> None:
-        for ref in self.tasks.values():
+        refs = list(self.tasks.values())
+        if refs:
+            self._force_cancel(self.ray.wait(refs, num_returns=len(refs), timeout=0)[1])
+
+    def _force_cancel(self, refs) -> None:
+        for ref in refs:
             try:
                 self.ray.cancel(ref, force=True)
             except Exception:
