@@ -556,8 +556,10 @@ class Trainer:
                     torch.save(state, fh)
                     fh.flush()
                     os.fsync(fh.fileno())
-            except RuntimeError as e:  # torch's zip writer can fail again while closing: the OSError is the cause
-                if isinstance(e.__context__, OSError):
+            except RuntimeError as e:
+                # torch's zip writer fails again while closing when a write failed (a full disk) or was cut by
+                # Ctrl-C / SIGTERM (the handler raises inside the write): the first exception is the real one
+                if isinstance(e.__context__, (OSError, KeyboardInterrupt)):
                     raise e.__context__ from None
                 raise
             failpoint("checkpoint-tmp-written", self.step)

@@ -313,6 +313,7 @@ def test_kill_then_rerun_resumes_the_same_trajectory(tmp_path):
     victim.wait()
     # The child gets SIGTERM when its parent dies and may still be writing: read its files once it is gone.
     pid = read_json(run_dir / "status.json").get("pid")
+    deadline = time.time() + 60
     while pid and _alive(pid) and time.time() < deadline:
         time.sleep(0.05)
     assert not (pid and _alive(pid)), "the child outlived its parent"

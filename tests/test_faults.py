@@ -83,6 +83,37 @@ def wait_for_steps(folder: Path, n: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"{folder} never logged {n} steps (exit code {proc.poll()})")
 
 
+def first_run_started(grid: Path, driver: subprocess.Popen, timeout: float = 120) -> Path:
+    """The folder of the first run of `rlp ablate` that has logged a step."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and driver.poll() is None:
+        found = list(grid.glob("*/metrics.jsonl"))
+        if found:
+            return found[0].parent
+        time.sleep(0.02)
+    raise AssertionError(f"no run of {grid} logged a step (exit code {driver.poll()})")
+
+
+def processes_naming(path: Path) -> list[int]:
+    """Processes other than this one whose command line holds `path` (a zombie's command line is empty)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if str(path).encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:  # it ended while we looked
+                pass
+    return pids
+
+
+def all_gone(path: Path, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while processes_naming(path):
+        assert time.time() < deadline, f"processes of {path} outlived a kill -9: {processes_naming(path)}"
+        time.sleep(0.05)
+
+
 def interrupted_at_step_3(tmp_path, monkeypatch, capsys) -> Path:
     """A run stopped by Ctrl-C during step 3: its checkpoint is from step 2."""
     from rlp_cli.train import Trainer
@@ -154,6 +185,45 @@ def test_disk_full_while_a_checkpoint_is_written(tmp_path, monkeypatch, capsys):
     assert checkpoint_step(run) == 2 and steps(run) == [0, 1, 2, 3, 4]
 
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command resumes
+    assert in_process(monkeypatch, capsys, "train", "tiny", "--out", run, *SHORT)[0] == 0
+    assert status(run)["status"] == "completed" and steps(run) == list(range(7))
+    assert_clean(run)
+
+
+class CtrlCMidway:
+    """A file whose third write is cut by Ctrl-C, as when the signal handler raises inside one of torch's writes."""
+
+    def __init__(self, fh):
+        self.fh, self.writes = fh, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            raise KeyboardInterrupt
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+
+def test_ctrl_c_while_a_checkpoint_is_written(tmp_path, monkeypatch, capsys):
+    """torch's zip writer then fails while closing (RuntimeError "unexpected pos"): the run is still interrupted,
+    not failed, and the checkpoint before stays the one to resume from."""
+    real_save, calls = torch.save, []
+
+    def save_cut_by_ctrl_c(obj, fh, *args, **kwargs):
+        calls.append(1)
+        return real_save(obj, CtrlCMidway(fh) if len(calls) == 2 else fh, *args, **kwargs)  # step 4's checkpoint
+
+    monkeypatch.setattr(torch, "save", save_cut_by_ctrl_c)
+    run = tmp_path / "run"
+    code, err = in_process(monkeypatch, capsys, "train", "tiny", "--out", run, *SHORT)
+    assert code == 130 and "Traceback" not in err, err
+    assert status(run)["status"] == "interrupted"
+    assert_clean(run)
+    assert checkpoint_step(run) == 2 and steps(run) == [0, 1, 2, 3, 4]
+
+    monkeypatch.setattr(torch, "save", real_save)
     assert in_process(monkeypatch, capsys, "train", "tiny", "--out", run, *SHORT)[0] == 0
     assert status(run)["status"] == "completed" and steps(run) == list(range(7))
     assert_clean(run)
@@ -316,17 +386,16 @@ def test_kill_9_at_a_random_moment_of_a_grid(tmp_path, trial):
                  "--jobs", "1"]
     driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = tmp_path / "res" / "grid"
-    deadline = time.time() + 120
-    while not list(folder.glob("*/metrics.jsonl")) and time.time() < deadline and driver.poll() is None:
-        time.sleep(0.02)
+    first_run_started(folder, driver)
     time.sleep(random.Random(trial).uniform(0.0, 2.0))  # anywhere in the first run, or into the second
-    pids = [driver.pid] + [status(f).get("pid") for f in folder.glob("*/") if (f / "status.json").exists()]
-    for pid in filter(None, pids):
+    # kill -9 of the driver and of every child it has started, even one that has not yet written its status
+    for pid in processes_naming(tmp_path):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     driver.wait()
+    all_gone(tmp_path)  # a dying child must not still be writing when the rerun reads its folder
 
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -365,11 +434,7 @@ def test_a_signal_to_rlp_ablate_stops_its_runs_resumably(tmp_path, sig):
     (tmp_path / "grid.yaml").write_text("base: tiny\nseeds: [0]\nset: {budget.steps: 40, log.checkpoint_every: 2}\n")
     cmd = RLP + ["ablate", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "res"), "--eval", "none"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    folder = tmp_path / "res" / "grid"
-    deadline = time.time() + 120
-    while not list(folder.glob("*/metrics.jsonl")) and time.time() < deadline:
-        time.sleep(0.02)
-    run = next(folder.glob("*/metrics.jsonl")).parent
+    run = first_run_started(tmp_path / "res" / "grid", proc)
     wait_for_steps(run, 4, proc)
     child = status(run)["pid"]
     proc.send_signal(sig)
@@ -392,9 +457,7 @@ def test_rlp_report_while_rlp_ablate_writes_the_same_folder(tmp_path):
     writer = subprocess.Popen(RLP + ["ablate", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "res"),
                                      "--eval", "none", "--jobs", "1"],
                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(folder.glob("*/metrics.jsonl")) and time.time() < deadline:
-        time.sleep(0.02)
+    first_run_started(folder, writer)
     reports = []
     while writer.poll() is None or not reports:
         r = subprocess.run(RLP + ["report", str(folder), "--no-plots"], env=ENV, capture_output=True, text=True)
