@@ -78,9 +78,9 @@ def test_ctrl_c_stops_a_ray_grid_resumably(tmp_path):
 
 
 def run_with(tmp_path: Path, steps: int) -> Path:
+    """The grid's run of budget.steps=`steps` (its folder is named steps-<steps>_s0-<id>)."""
     grid = tmp_path / "res" / "grid"
-    found = [p for p in grid.glob("*/config.yaml") if f"steps: {steps}\n" in p.read_text()] if grid.exists() else []
-    return found[0].parent if found else grid / "not-yet"
+    return next(grid.glob(f"steps-{steps}_s0-*"), grid / "not-yet")
 
 
 def status_of(tmp_path: Path, steps: int) -> str | None:

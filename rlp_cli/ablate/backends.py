@@ -117,9 +117,7 @@ class RayBackend:
         return "ray"
 
     def poll(self) -> list[tuple[Job, int]]:
-        if not self.tasks:
-            return []
-        ready, _ = self.ray.wait(list(self.tasks.values()), num_returns=len(self.tasks), timeout=0)
+        ready, _ = self._wait(list(self.tasks.values()), timeout=0)
         ended = []
         for job, ref in list(self.tasks.items()):
             if ref in ready:
@@ -147,20 +145,21 @@ class RayBackend:
     def stop(self) -> list[Job]:
         """Cancel only the tasks still running: Ray (2.60) aborts the driver ("Tried to complete task that was not
         pending") when a task is force-cancelled as its reply arrives, so a finished task is left alone."""
-        jobs, refs = list(self.tasks), list(self.tasks.values())
-        _, running = self.ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+        jobs = list(self.tasks)
+        _, running = self._wait(list(self.tasks.values()), timeout=0)
         for ref in running:
             self.ray.cancel(ref, force=False)  # KeyboardInterrupt in run_phase: the command is stopped cleanly
-        if running:
-            _, stuck = self.ray.wait(running, num_returns=len(running), timeout=TERMINATE_GRACE_S + 15)
-            self._force_cancel(stuck)
+        _, stuck = self._wait(running, timeout=TERMINATE_GRACE_S + 15)
+        self._force_cancel(stuck)
         self.tasks.clear()
         return jobs
 
     def kill(self) -> None:
-        refs = list(self.tasks.values())
-        if refs:
-            self._force_cancel(self.ray.wait(refs, num_returns=len(refs), timeout=0)[1])
+        self._force_cancel(self._wait(list(self.tasks.values()), timeout=0)[1])
+
+    def _wait(self, refs: list, timeout: float) -> tuple[list, list]:
+        """(ended, still running) among refs after at most `timeout` seconds."""
+        return self.ray.wait(refs, num_returns=len(refs), timeout=timeout)
 
     def _force_cancel(self, refs) -> None:
         for ref in refs:
